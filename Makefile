@@ -1,0 +1,67 @@
+# One-command set-up: every target installs what it needs (virtualenv, pinned requirements,
+# the Debian dataset package, an Airflow home inside the project).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+export AIRFLOW_HOME := $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := False
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Extra options for `make run`, e.g. make run ARGS="--train-limit 5000 --variants float32,int8"
+ARGS ?=
+
+.PHONY: help install dataset airflow-db run cli test mlflow-ui clean
+help:
+	@echo "make run        the whole DAG end to end through Airflow (embedded SQLite, local MLflow)"
+	@echo "make test       the test suite"
+	@echo "make cli        the same pipeline without Airflow (python -m pipeline run)"
+	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 for the local store"
+
+$(VENV)/.installed: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	@touch $@
+
+install: $(VENV)/.installed
+
+dataset:
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	fi
+	@test -f $(FASHION_MNIST) || { echo "Fashion-MNIST is still missing: apt-get install dataset-fashion-mnist" >&2; exit 1; }
+
+$(AIRFLOW_HOME)/.migrated: $(VENV)/.installed
+	@mkdir -p $(AIRFLOW_HOME)
+	$(VENV)/bin/airflow db migrate >/dev/null
+	@touch $@
+
+airflow-db: $(AIRFLOW_HOME)/.migrated
+
+run: install dataset airflow-db
+	$(PY) -m pipeline.launch $(ARGS)
+
+cli: install dataset
+	$(PY) -m pipeline run $(ARGS)
+
+test: $(VENV)/.installed-test dataset
+	$(PY) -m pytest -q tests
+
+mlflow-ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf .work .airflow/logs

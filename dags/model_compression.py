@@ -1,0 +1,154 @@
+"""
+### model_compression
+
+Train (or bring) a Keras classifier, produce every requested compressed variant, measure each
+through the LiteRT interpreter, choose the best under the accuracy budget and register it in MLflow.
+
+`train` -> `optimize` (one mapped task per optimized Keras model, each trained once) ->
+`variant.quantize` -> `variant.evaluate` -> `variant.benchmark` (a mapped task group, one per
+variant) -> `select` -> `register`.
+
+A failing variant fails only its own tasks and is recorded, with its error, in its MLflow child
+run; `select` runs whatever happened and reports it. Bad input (a missing dataset, a broken model
+file) fails `train` at once with a message naming the problem, without retries.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task, task_group
+
+from pipeline.config import OBJECTIVES, PipelineConfig
+from pipeline.variants import DEFAULT_VARIANTS, all_variant_names
+
+DEFAULTS = PipelineConfig.__dataclass_fields__
+
+
+def _default(name):
+    return DEFAULTS[name].default
+
+
+PARAMS = {
+    "dataset": Param(_default("dataset"), type="string", minLength=1,
+                     description="'fashion-mnist', an image folder (one subfolder per class) or an .npz"),
+    "model_path": Param(None, type=["null", "string"],
+                        description="Your model (.keras, .h5 or SavedModel dir); empty = train the default CNN"),
+    "allow_unsafe_model": Param(False, type="boolean",
+                                description="Allow Lambda layers (runs code stored in the model file)"),
+    "epochs": Param(_default("epochs"), type="integer", minimum=1, maximum=500),
+    "train_limit": Param(None, type=["null", "integer"], minimum=1,
+                         description="Use only the first N training images (quick runs)"),
+    "test_limit": Param(None, type=["null", "integer"], minimum=1,
+                        description="Use only the first N test images (quick checks; not for decisions)"),
+    "variants": Param(list(DEFAULT_VARIANTS), type="array", minItems=1, uniqueItems=True,
+                      items={"type": "string", "enum": all_variant_names()},
+                      description="Variants to produce: optimizations joined by '+', a dash, the quantization mode"),
+    "finetune_epochs": Param(_default("finetune_epochs"), type="integer", minimum=0, maximum=100),
+    "distill_epochs": Param(_default("distill_epochs"), type="integer", minimum=1, maximum=500),
+    "prune_sparsity": Param(_default("prune_sparsity"), type="number", exclusiveMinimum=0, exclusiveMaximum=1),
+    "cluster_count": Param(_default("cluster_count"), type="integer", minimum=2, maximum=256),
+    "max_accuracy_drop_pts": Param(_default("max_accuracy_drop_pts"), type="number", minimum=0),
+    "objective": Param(_default("objective"), type="string", enum=list(OBJECTIVES)),
+    "experiment": Param(_default("experiment"), type="string", minLength=1),
+    "registered_model_name": Param(_default("registered_model_name"), type="string", minLength=1),
+}
+
+
+def _config_values(params) -> dict:
+    return {name: params.get(name) for name in PARAMS}
+
+
+def _input_errors_fail_fast(function, *args):
+    """Bad input cannot be fixed by retrying: fail the task at once with the clear message."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.errors import PipelineInputError
+    try:
+        return function(*args)
+    except PipelineInputError as error:
+        raise AirflowFailException(str(error)) from None
+
+
+@dag(
+    dag_id="model_compression",
+    schedule=None,
+    catchup=False,
+    max_active_runs=4,
+    params=PARAMS,
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=15),
+                  "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=5)},
+    tags=["compression", "mlflow", "litert"],
+)
+def model_compression():
+    @task
+    def plan() -> list[str]:
+        """Validate the trigger form into one config before anything heavy runs: the variants."""
+        params = get_current_context()["params"]
+        return _input_errors_fail_fast(PipelineConfig.from_mapping, _config_values(params)).variants
+
+    @task
+    def recipes(variants: list[str]) -> list[str]:
+        """The optimized Keras models those variants need, each trained once."""
+        from pipeline import stages
+        return stages.recipes(variants)
+
+    @task
+    def train() -> dict:
+        from pipeline import stages
+        context = get_current_context()
+        tags = {"airflow_dag_id": context["dag"].dag_id, "airflow_run_id": context["run_id"]}
+        return _input_errors_fail_fast(stages.train, _config_values(context["params"]),
+                                       context["run_id"], tags)
+
+    @task(max_active_tis_per_dagrun=1)  # fine-tuning saturates the cores; one at a time per run
+    def optimize(ctx: dict, recipe: str) -> dict:
+        from pipeline import stages
+        return _input_errors_fail_fast(stages.optimize, ctx, recipe)
+
+    @task(trigger_rule="all_done")  # runs when an optimization failed: it records why
+    def quantize(ctx: dict, variant: str) -> dict:
+        from pipeline import stages
+        return stages.quantize(ctx, variant)
+
+    @task
+    def evaluate(ctx: dict, quantized: dict) -> dict:
+        from pipeline import stages
+        return stages.evaluate(ctx, quantized)
+
+    @task
+    def benchmark(ctx: dict, evaluated: dict) -> dict:
+        from pipeline import stages
+        return stages.benchmark(ctx, evaluated)
+
+    @task_group(group_id="variant")
+    def variant(ctx: dict, variant: str):
+        return benchmark(ctx, evaluate(ctx, quantize(ctx, variant)))
+
+    @task(trigger_rule="all_done")  # report whatever the variants did
+    def select(ctx: dict) -> dict:
+        from pipeline import stages
+        return stages.select(ctx)
+
+    @task
+    def register(ctx: dict, selection: dict) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipeline import stages
+        outcome = stages.register(ctx, selection)
+        if outcome.get("skipped"):
+            raise AirflowSkipException(outcome["reason"])
+        return outcome
+
+    planned = plan()
+    ctx = train()
+    planned >> ctx
+    optimized = optimize.partial(ctx=ctx).expand(recipe=recipes(planned))
+    variants = variant.partial(ctx=ctx).expand(variant=planned)
+    optimized >> variants
+    selection = select(ctx)
+    variants >> selection
+    register(ctx, selection)
+
+
+model_compression()

@@ -1,0 +1,370 @@
+"""The pipeline's stages as plain functions of small JSON in, small JSON out.
+
+Airflow tasks (dags/) and the command line (`python -m pipeline run`) call the same functions.
+A stage receives the run context `ctx` (paths, ids, the config as a dict) that `train` creates,
+and returns JSON-able dicts; models and arrays travel as files in the run's work folder and as
+MLflow artifacts, never through XCom.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pipeline import tracking
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineInputError
+from pipeline.variants import parse_variant, parse_variants
+
+log = logging.getLogger("pipeline")
+
+
+class VariantFailed(RuntimeError):
+    """One variant could not be produced or measured; the others go on."""
+
+
+def config_of(ctx: dict) -> PipelineConfig:
+    return PipelineConfig.from_mapping(ctx["config"], use_env=False)
+
+
+def run_dir_for(config: PipelineConfig, pipeline_run_id: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", pipeline_run_id)
+    return Path(config.work_dir) / safe
+
+
+def recipes(variant_names: list[str]) -> list[str]:
+    """The optimized Keras models the variants need, each trained once ('' = the baseline)."""
+    unique: list[str] = []
+    for variant in parse_variants(variant_names):
+        if variant.recipe and variant.recipe not in unique:
+            unique.append(variant.recipe)
+    return unique
+
+
+# --------------------------------------------------------------------------------------- train
+def train(config_values: dict[str, Any], pipeline_run_id: str,
+          tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Validate the input, train (or load) the model, and measure the float32 TFLite reference."""
+    from pipeline import models
+    from pipeline.data import load_dataset
+    from pipeline.evaluate import evaluate_tflite
+    from pipeline.quantize import convert
+
+    config = PipelineConfig.from_mapping(config_values)
+    run_dir = run_dir_for(config, pipeline_run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    input_shape = num_classes = None
+    kind = None
+    user_model = None
+    if config.model_path:
+        kind = models.model_kind(config.model_path)
+        user_model = models.load_model(config.model_path, allow_unsafe=config.allow_unsafe_model)
+        input_shape, num_classes = models.io_shape(user_model, config.model_path)
+    dataset = load_dataset(config.dataset, input_shape=input_shape, num_classes=num_classes,
+                           train_limit=config.train_limit, test_limit=config.test_limit,
+                           validation_fraction=config.validation_fraction, seed=config.seed)
+    for note in dataset.notes:
+        log.warning("dataset: %s", note)
+    dataset_path = dataset.save(run_dir / "dataset.npz")
+
+    parent_run_id = tracking.start_parent_run(
+        config.experiment, pipeline_run_id,
+        params={"dataset": config.dataset, "model": config.model_path or "default-cnn",
+                "epochs": config.epochs if not config.model_path else None,
+                "train_limit": config.train_limit, "test_limit": config.test_limit,
+                "variants": ",".join(config.variants), "train_images": len(dataset.x_train),
+                "test_images": len(dataset.x_test), "classes": dataset.num_classes,
+                "input_shape": "x".join(map(str, dataset.input_shape)),
+                "prune_sparsity": config.prune_sparsity, "cluster_count": config.cluster_count,
+                "max_accuracy_drop_pts": config.max_accuracy_drop_pts,
+                "objective": config.objective},
+        tags={k: v for k, v in (tags or {}).items() if v})
+
+    if user_model is None:
+        model = _train_or_reuse(dataset, config, run_dir)
+        base_model_path, kind = str(run_dir / "baseline.keras"), "tf_keras"
+    else:
+        model, base_model_path = user_model, str(Path(config.model_path).expanduser().resolve())
+
+    keras_predictions = run_dir / "keras_predictions" / "baseline.npy"
+    _save_array(keras_predictions, models.predict_classes(model, dataset.x_test))
+    source = {"saved_model_dir": base_model_path} if kind == "saved_model" else {"model": model}
+    reference_path = convert("float32", run_dir / "reference" / "float32.tflite", **source)
+    import numpy as np
+    reference = evaluate_tflite(str(reference_path), dataset.x_test, dataset.y_test,
+                                dataset.class_names, np.load(keras_predictions))
+    keras_accuracy = float((np.load(keras_predictions) == dataset.y_test).mean())
+    tracking.log_metrics(parent_run_id, {
+        "keras_accuracy": keras_accuracy, "reference_accuracy": reference.accuracy,
+        "reference_size_bytes": reference_path.stat().st_size})
+    log.info("baseline: Keras accuracy %.4f, float32 TFLite accuracy %.4f, %d bytes",
+             keras_accuracy, reference.accuracy, reference_path.stat().st_size)
+    ctx = {
+        "pipeline_run_id": pipeline_run_id, "run_dir": str(run_dir),
+        "parent_run_id": parent_run_id, "experiment": config.experiment,
+        "config": config.to_dict(), "dataset_path": str(dataset_path),
+        "base_model_path": base_model_path, "base_model_kind": kind,
+        "reference": {"tflite_path": str(reference_path), "accuracy": reference.accuracy,
+                      "size_bytes": reference_path.stat().st_size,
+                      "keras_accuracy": keras_accuracy},
+        "keras_predictions": {"": str(keras_predictions)},
+    }
+    _write_json(run_dir / "context.json", ctx)
+    return ctx
+
+
+def _train_or_reuse(dataset, config: PipelineConfig, run_dir: Path):
+    """Train the default CNN, or reuse the one a previous attempt of this run saved (retries)."""
+    from pipeline.models import tf_keras
+    from pipeline.train import train_baseline
+    path = run_dir / "baseline.keras"
+    if path.exists():
+        log.info("reusing the baseline trained by an earlier attempt: %s", path)
+        return tf_keras().models.load_model(str(path), compile=False)
+    model = train_baseline(dataset, config)
+    tmp = run_dir / "baseline.tmp.keras"
+    model.save(str(tmp))
+    os.replace(tmp, path)
+    return model
+
+
+# ------------------------------------------------------------------------------------ optimize
+def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
+    """Train the optimized Keras model for `recipe` (e.g. 'prune+cluster') once per run."""
+    from pipeline.data import Dataset
+    from pipeline.optimize import apply_recipe
+
+    record = _recipe_record_path(ctx, recipe)
+    if record.exists():
+        done = json.loads(record.read_text())
+        if "error" not in done and Path(done["model_path"]).exists():
+            return done
+    config = config_of(ctx)
+    try:
+        result = apply_recipe(recipe, ctx["base_model_path"], Dataset.load(ctx["dataset_path"]),
+                              config, str(record.parent / _safe(recipe)))
+    except Exception as error:
+        _write_json(record, {"recipe": recipe, "error": _one_line(error)})
+        raise
+    _write_json(record, result)
+    return result
+
+
+def _recipe_record_path(ctx: dict, recipe: str) -> Path:
+    return Path(ctx["run_dir"]) / "optimized" / f"{_safe(recipe)}.json"
+
+
+# ------------------------------------------------------------------------- per-variant stages
+def quantize(ctx: dict, variant_name: str) -> dict[str, Any]:
+    """Convert the variant's source model; creates the variant's child run."""
+    variant = parse_variant(variant_name)
+    run_id = tracking.child_run(ctx["parent_run_id"], variant.tags())
+    with _variant_failure(run_id, variant.name):
+        from pipeline.data import Dataset
+        from pipeline.quantize import convert
+        config = config_of(ctx)
+        source, recipe_info = _conversion_source(ctx, variant.recipe)
+        dataset = Dataset.load(ctx["dataset_path"])
+        calibration = None
+        if variant.quantization in ("int8", "int16x8"):
+            calibration = dataset.calibration_batches(config.calibration_samples, config.seed)
+        out = Path(ctx["run_dir"]) / "variants" / _safe(variant.name) / "model.tflite"
+        convert(variant.quantization, out, representative_data=calibration,
+                qat="qat" in variant.optimizations, **source)
+        tracking.log_artifact(run_id, out, "model")
+        tracking.set_tags(run_id, {"recipe": variant.recipe})
+        return {"variant": variant.name, "child_run_id": run_id, "tflite_path": str(out),
+                "keras_predictions_path": recipe_info.get("keras_predictions_path")
+                or ctx["keras_predictions"][""], **variant.tags()}
+
+
+def evaluate(ctx: dict, quantized: dict) -> dict[str, Any]:
+    """Accuracy over the whole test set through the LiteRT interpreter."""
+    run_id = quantized["child_run_id"]
+    with _variant_failure(run_id, quantized["variant"]):
+        import numpy as np
+
+        from pipeline.data import Dataset
+        from pipeline.evaluate import evaluate_tflite
+        dataset = Dataset.load(ctx["dataset_path"])
+        keras_predictions = np.load(quantized["keras_predictions_path"])
+        evaluation = evaluate_tflite(quantized["tflite_path"], dataset.x_test, dataset.y_test,
+                                     dataset.class_names, keras_predictions)
+        delta = (evaluation.accuracy - ctx["reference"]["accuracy"]) * 100.0
+        metrics = {"accuracy": evaluation.accuracy, "accuracy_delta_pts": delta,
+                   "keras_agreement": evaluation.keras_agreement}
+        tracking.log_metrics(run_id, metrics)
+        tracking.log_dict(run_id, evaluation.to_dict(), "evaluation.json")
+        return {**quantized, **metrics}
+
+
+def benchmark(ctx: dict, evaluated: dict) -> dict[str, Any]:
+    """Size, gzip size, latency and peak memory; closes the variant's child run."""
+    run_id = evaluated["child_run_id"]
+    with _variant_failure(run_id, evaluated["variant"]):
+        from pipeline.benchmark import measure, weight_stats
+        config = config_of(ctx)
+        measurement = measure(evaluated["tflite_path"], runs=config.latency_runs,
+                              warmup=config.latency_warmup, num_threads=1)
+        reference_bytes = ctx["reference"]["size_bytes"]
+        metrics = {
+            "size_bytes": measurement.size_bytes,
+            "gzip_size_bytes": measurement.gzip_size_bytes,
+            "compression_ratio": reference_bytes / measurement.size_bytes,
+            "gzip_compression_ratio": reference_bytes / measurement.gzip_size_bytes,
+            "latency_ms_p50": measurement.latency_ms_p50,
+            "latency_ms_p90": measurement.latency_ms_p90,
+            "peak_memory_mb": measurement.peak_memory_mb,
+            **weight_stats(evaluated["tflite_path"]),
+        }
+        tracking.log_metrics(run_id, metrics)
+        tracking.set_tags(run_id, {"status": "ok"})
+        tracking.finish_run(run_id)
+        return {**evaluated, **metrics, "status": "ok", "error": None}
+
+
+def _conversion_source(ctx: dict, recipe: str) -> tuple[dict, dict]:
+    """Keyword arguments for quantize.convert: the baseline or the recipe's optimized model."""
+    if not recipe:
+        if ctx["base_model_kind"] == "saved_model":
+            return {"saved_model_dir": ctx["base_model_path"]}, {}
+        from pipeline.models import load_model
+        config = config_of(ctx)
+        return {"model": load_model(ctx["base_model_path"], config.allow_unsafe_model)}, {}
+    record = _recipe_record_path(ctx, recipe)
+    if not record.exists():
+        raise VariantFailed(f"optimization {recipe!r} produced no model (its task did not run)")
+    info = json.loads(record.read_text())
+    if "error" in info:
+        raise VariantFailed(f"optimization {recipe!r} failed: {info['error']}")
+    from pipeline.optimize import load_optimized
+    return {"model": load_optimized(info["model_path"])}, info
+
+
+class _variant_failure:
+    """Record any error in the variant's child run (tag `error`, status FAILED), then re-raise."""
+
+    def __init__(self, run_id: str, variant: str):
+        self.run_id, self.variant = run_id, variant
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None:
+            return False
+        log.error("variant %s failed: %s", self.variant,
+                  "".join(traceback.format_exception(kind, error, tb))[-2000:])
+        try:
+            tracking.fail_run(self.run_id, _one_line(error))
+        except Exception as tracking_error:  # the original error matters more
+            log.error("could not record the failure in MLflow: %s", tracking_error)
+        return False
+
+
+# ------------------------------------------------------------------------------ select/report
+def results_of(ctx: dict) -> list[dict[str, Any]]:
+    """Every requested variant's result, read back from its MLflow child run (the source of
+    truth whichever worker produced it); a variant without a finished run is reported failed."""
+    runs = {run.data.tags.get("variant"): run for run in tracking.child_runs(ctx["parent_run_id"])}
+    results = []
+    for name in config_of(ctx).variants:
+        variant = parse_variant(name)
+        run = runs.get(variant.name)
+        result: dict[str, Any] = {**variant.tags(), "child_run_id": run.info.run_id if run else None}
+        if run is None:
+            result.update(status="failed", error="did not run (an upstream task failed)")
+        elif run.info.status == "FINISHED" and run.data.tags.get("status") == "ok":
+            result.update(run.data.metrics, status="ok", error=None,
+                          tflite_path=str(Path(ctx["run_dir"]) / "variants" / _safe(variant.name)
+                                          / "model.tflite"))
+        else:
+            result.update(run.data.metrics, status="failed",
+                          error=run.data.tags.get("error", f"run ended {run.info.status.lower()}"))
+        results.append(result)
+    return results
+
+
+# --------------------------------------------------------------------------------- utilities
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name) or "baseline"
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error; our own errors are already phrased for the user."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    if isinstance(error, (PipelineInputError, VariantFailed)) and first:
+        return first[:500]
+    return f"{type(error).__name__}: {first}"[:500]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _save_array(path: Path, array) -> None:
+    import numpy as np
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def select(ctx: dict) -> dict[str, Any]:
+    """Gate every variant, choose the champion, write and log the report on the parent run."""
+    from pipeline.report import pareto_plot, summary_markdown
+    from pipeline.select import choose
+
+    config = config_of(ctx)
+    results = results_of(ctx)
+    selection = choose(results, config)
+    report_dir = Path(ctx["run_dir"]) / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    markdown = summary_markdown(results, selection)
+    (report_dir / "summary.md").write_text(markdown)
+    ok = [r for r in results if r.get("status") == "ok"]
+    if ok:
+        pareto_plot(results, selection, report_dir / "pareto.png")
+    parent = ctx["parent_run_id"]
+    for name in ("summary.md", "pareto.png"):
+        if (report_dir / name).exists():
+            tracking.log_artifact(parent, report_dir / name, "report")
+    decision = selection.to_dict()
+    tracking.log_dict(parent, {"selection": decision, "results": results}, "report/selection.json")
+    tracking.set_tags(parent, {"champion_variant": selection.champion or "none",
+                               "selection_reason": selection.reason})
+    failed = [r["variant"] for r in results if r.get("status") != "ok"]
+    log.info("selection: %s", selection.reason)
+    selected = {"selection": decision, "summary_markdown": markdown, "failed_variants": failed,
+                "variants_ok": len(ok), "variants_total": len(results)}
+    _write_json(Path(ctx["run_dir"]) / "select.json", selected)
+    return selected
+
+
+def register(ctx: dict, selected: dict) -> dict[str, Any]:
+    """Register the champion as a servable pyfunc model version and move aliases; close the
+    parent run."""
+    from pipeline.registry import register_champion
+    from pipeline.select import Selection
+
+    config = config_of(ctx)
+    selection = Selection.from_dict(selected["selection"])
+    results = {r["variant"]: r for r in results_of(ctx)}
+    outcome = register_champion(selection, results, config, parent_run_id=ctx["parent_run_id"],
+                                airflow_run_id=ctx["pipeline_run_id"],
+                                dataset_path=ctx["dataset_path"])
+    tracking.set_tags(ctx["parent_run_id"], {
+        "registered_version": outcome.get("version", "none"),
+        "register_decision": outcome.get("decision") or outcome.get("reason", "")})
+    tracking.finish_run(ctx["parent_run_id"])
+    _write_json(Path(ctx["run_dir"]) / "register.json", outcome)
+    return outcome

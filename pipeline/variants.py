@@ -1,0 +1,104 @@
+"""Variant recipes: optimizations + one quantization mode, named per DESIGN.md.
+
+`prune+cluster-int8` = prune, then cluster, then full-integer int8 conversion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import PipelineInputError
+
+QUANTIZATION_MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
+# The order in which optimizations are applied when combined (collaborative optimization).
+OPTIMIZATION_ORDER = ("distill", "prune", "cluster", "qat")
+# A QAT model is trained for int8 kernels; converting it to anything else throws the training away.
+QAT_MODES = ("int8",)
+
+DEFAULT_VARIANTS = (
+    "float32", "dynamic", "float16", "int8", "int16x8",
+    "prune-dynamic", "prune-int8",
+    "cluster-dynamic", "cluster-int8",
+    "prune+cluster-dynamic", "prune+cluster-int8",
+    "qat-int8", "prune+cluster+qat-int8",
+    "distill-float32", "distill-dynamic", "distill-int8",
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    optimizations: tuple[str, ...]
+    quantization: str
+
+    @property
+    def name(self) -> str:
+        if not self.optimizations:
+            return self.quantization
+        return "+".join(self.optimizations) + "-" + self.quantization
+
+    @property
+    def recipe(self) -> str:
+        """The optimized Keras model this variant is converted from ('' = the baseline)."""
+        return "+".join(self.optimizations)
+
+    def tags(self) -> dict[str, str]:
+        return {"variant": self.name, "quantization": self.quantization,
+                "optimizations": ",".join(self.optimizations)}
+
+
+def parse_variant(name: str) -> Variant:
+    """Parse and validate a variant name; raise PipelineInputError naming what is wrong."""
+    text = name.strip()
+    if not text:
+        raise PipelineInputError("empty variant name: use e.g. 'int8' or 'prune+cluster-int8'")
+    opt_part, sep, mode = text.rpartition("-")
+    if not sep:
+        opt_part, mode = "", text
+    if mode not in QUANTIZATION_MODES:
+        raise PipelineInputError(
+            f"unknown variant {text!r}: the quantization mode must be one of "
+            f"{', '.join(QUANTIZATION_MODES)} (e.g. 'prune-int8')")
+    optimizations = tuple(o for o in opt_part.split("+")) if opt_part else ()
+    unknown = [o for o in optimizations if o not in OPTIMIZATION_ORDER]
+    if unknown:
+        raise PipelineInputError(
+            f"unknown variant {text!r}: unknown optimization {unknown[0]!r}; known: "
+            f"{', '.join(OPTIMIZATION_ORDER)}")
+    if len(set(optimizations)) != len(optimizations):
+        raise PipelineInputError(f"unknown variant {text!r}: an optimization is repeated")
+    ordered = tuple(sorted(optimizations, key=OPTIMIZATION_ORDER.index))
+    if ordered != optimizations:
+        raise PipelineInputError(
+            f"unknown variant {text!r}: write optimizations in the order they are applied: "
+            f"{'+'.join(ordered)}-{mode}")
+    if "qat" in optimizations and mode not in QAT_MODES:
+        raise PipelineInputError(
+            f"variant {text!r} is not useful: quantization-aware training targets int8; "
+            f"use {'+'.join(optimizations)}-int8")
+    return Variant(optimizations, mode)
+
+
+def parse_variants(names) -> list[Variant]:
+    """Parse a comma-separated string or a list of names; duplicates are dropped, order kept."""
+    if isinstance(names, str):
+        names = names.split(",")
+    variants: list[Variant] = []
+    for name in names:
+        variant = parse_variant(name)
+        if variant not in variants:
+            variants.append(variant)
+    if not variants:
+        raise PipelineInputError("no variants selected: give at least one, e.g. 'float32,dynamic'")
+    return variants
+
+
+def all_variant_names() -> list[str]:
+    """Every valid recipe name (for the trigger form's choices)."""
+    from itertools import combinations
+    names = []
+    for size in range(len(OPTIMIZATION_ORDER) + 1):
+        for optimizations in combinations(OPTIMIZATION_ORDER, size):
+            for mode in QUANTIZATION_MODES:
+                if "qat" in optimizations and mode not in QAT_MODES:
+                    continue
+                names.append(Variant(optimizations, mode).name)
+    return names

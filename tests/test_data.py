@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import Dataset, load_dataset
+from pipeline.errors import PipelineInputError
+
+
+def test_fashion_mnist_loads_whole_and_splits_validation():
+    ds = load_dataset("fashion-mnist", validation_fraction=0.1)
+    assert ds.input_shape == (28, 28, 1) and ds.num_classes == 10
+    assert len(ds.x_train) == 54000 and len(ds.x_val) == 6000 and len(ds.x_test) == 10000
+    assert ds.x_train.dtype == np.float32 and 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    assert set(np.unique(ds.y_test)) == set(range(10))
+
+
+def test_limits_and_round_trip(tmp_path):
+    ds = load_dataset("fashion-mnist", train_limit=300, test_limit=50)
+    assert len(ds.x_train) + len(ds.x_val) == 300 and len(ds.x_test) == 50
+    back = Dataset.load(ds.save(tmp_path / "d.npz"))
+    assert np.array_equal(back.x_test, ds.x_test) and back.class_names == ds.class_names
+
+
+def test_calibration_generator_yields_training_images():
+    ds = load_dataset("fashion-mnist", train_limit=300, test_limit=50)
+    batches = list(ds.calibration_batches(40)())
+    assert len(batches) == 40 and batches[0][0].shape == (1, 28, 28, 1)
+
+
+def _folder(root, classes, per_class=6, size=(40, 30), mode="RGB"):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).convert(mode).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_resized_to_model_input(tmp_path):
+    root = _folder(tmp_path / "imgs", ["cat", "dog", "fox"])
+    ds = load_dataset(str(root), input_shape=(16, 16, 1))
+    assert ds.input_shape == (16, 16, 1) and ds.class_names == ["cat", "dog", "fox"]
+    assert len(ds.x_train) + len(ds.x_val) + len(ds.x_test) == 18
+
+
+def test_image_folder_skips_a_few_bad_files_and_refuses_many(tmp_path):
+    root = _folder(tmp_path / "imgs", ["a", "b"], per_class=30)
+    (root / "a" / "notes.txt").write_text("not an image")
+    ds = load_dataset(str(root))
+    assert ds.skipped_files == 1 and "skipped 1" in ds.notes[0]
+    for i in range(10):
+        (root / "b" / f"broken{i}.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(PipelineInputError, match="unreadable"):
+        load_dataset(str(root))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("single_class", "at least 2"),
+    ("missing", "dataset not found"),
+    ("labels_out_of_range", "labels out of range"),
+    ("nan", "NaN or infinite"),
+    ("empty_test", "x_test is empty"),
+    ("missing_key", "lacks y_test"),
+    ("label_count", "labels for"),
+    ("wrong_shape", "model takes inputs"),
+])
+def test_bad_datasets_fail_with_one_clear_error(tmp_path, case, message):
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 8, 8, 1)).astype(np.float32)
+    y = np.arange(20) % 3
+    arrays = {"x_train": x, "y_train": y, "x_test": x[:5], "y_test": y[:5]}
+    spec = str(tmp_path / "d.npz")
+    kwargs = {}
+    if case == "single_class":
+        spec = str(_folder(tmp_path / "imgs", ["only"]))
+    elif case == "missing":
+        spec = str(tmp_path / "nowhere")
+    elif case == "labels_out_of_range":
+        kwargs["num_classes"] = 3
+        arrays["y_test"] = np.array([0, 1, 2, 7, -1])
+    elif case == "nan":
+        arrays["x_train"] = x.copy()
+        arrays["x_train"][3, 0, 0, 0] = np.nan
+    elif case == "empty_test":
+        arrays["x_test"], arrays["y_test"] = x[:0], y[:0]
+    elif case == "missing_key":
+        del arrays["y_test"]
+    elif case == "label_count":
+        arrays["y_train"] = y[:10]
+    elif case == "wrong_shape":
+        kwargs["input_shape"] = (28, 28, 1)
+    if case not in ("single_class", "missing"):
+        np.savez(spec, **arrays)
+    with pytest.raises(PipelineInputError, match=message):
+        load_dataset(spec, **kwargs)
