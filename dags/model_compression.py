@@ -123,7 +123,9 @@ def model_compression():
 
     @task_group(group_id="variant")
     def variant(ctx: dict, variant: str):
-        return benchmark(ctx, evaluate(ctx, quantize(ctx, variant)))
+        quantized = quantize(ctx, variant)
+        optimized >> quantized  # noqa: F821 (bound below, before the group is expanded)
+        return benchmark(ctx, evaluate(ctx, quantized))
 
     @task(trigger_rule="all_done")  # report whatever the variants did
     def select(ctx: dict) -> dict:
@@ -145,7 +147,6 @@ def model_compression():
     planned >> ctx
     optimized = optimize.partial(ctx=ctx).expand(recipe=recipes(planned))
     variants = variant.partial(ctx=ctx).expand(variant=planned)
-    optimized >> variants
     selection = select(ctx)
     variants >> selection
     register(ctx, selection)

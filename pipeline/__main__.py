@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 
+from pipeline import import_tensorflow_quietly
 from pipeline.errors import PipelineInputError
 
 
@@ -60,6 +61,7 @@ def run(args) -> int:
             raise PipelineInputError(f"--set {item!r}: expected NAME=VALUE")
         values[name.strip().replace("-", "_")] = value
     config = PipelineConfig.from_mapping(values)  # validates before anything heavy starts
+    import_tensorflow_quietly()
     return run_pipeline(config.to_dict(), f"cli-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}")
 
 

@@ -46,12 +46,12 @@ def build_cnn(input_shape: tuple[int, ...], num_classes: int, width: float = 1.0
         model.add(layers.BatchNormalization())
         model.add(layers.ReLU())
         model.add(layers.MaxPooling2D())
-        model.add(layers.Dropout(0.25))
+        model.add(layers.Dropout(0.1))
     model.add(layers.Flatten())
     model.add(layers.Dense(max(8, int(round(dense_units * width))), use_bias=False))
     model.add(layers.BatchNormalization())
     model.add(layers.ReLU())
-    model.add(layers.Dropout(0.4))
+    model.add(layers.Dropout(0.3))
     model.add(layers.Dense(num_classes))  # logits; losses use from_logits=True
     return model
 
@@ -95,7 +95,10 @@ def inspect_model(path: str | Path, allow_unsafe: bool = False) -> ModelInfo:
 
 
 def model_kind(path: str | Path) -> str:
-    path = Path(path)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise PipelineInputError(f"model not found: {path} (give a .keras or .h5 file or a "
+                                 "SavedModel directory)")
     if path.is_dir():
         if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
             raise PipelineInputError(f"{path} is a folder without saved_model.pb: give a .keras or "
@@ -114,9 +117,6 @@ def load_model(path: str | Path, allow_unsafe: bool = False):
     """Load a user's model safely. Returns a Keras model (tf_keras or Keras 3) or, for a plain
     SavedModel, a `SavedModelClassifier` with `predict`."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise PipelineInputError(f"model not found: {path} (give a .keras or .h5 file or a "
-                                 "SavedModel directory)")
     kind = model_kind(path)
     if not allow_unsafe:
         unsafe = _unsafe_layers(path, kind)

@@ -1,0 +1,288 @@
+"""Training-time compression techniques (TF Model Optimization), one module each, one interface:
+
+    NAME: str
+    apply(model, dataset, config, *, applied: tuple[str, ...]) -> model
+
+`model` is a tf_keras classifier; `applied` names the techniques already applied to it, in order,
+so clustering can keep pruning's zeros and QAT can keep both. `apply` returns the fine-tuned model
+ready for TFLite conversion: TF-MOT's training wrappers are stripped, except QAT's, which the
+converter needs to produce int8 kernels.
+
+`apply_recipe` runs a recipe such as "prune+cluster+qat" on a fresh copy of the base model, saves
+the result and returns small JSON-able figures. `TECHNIQUES` maps recipe names to modules: a new
+technique is one module plus one line there (and its place in variants.OPTIMIZATION_ORDER).
+
+TensorFlow and TF-MOT are imported inside functions: importing this package stays cheap (the
+Airflow DAG processor imports the DAG files every few seconds).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.models import load_model, model_kind, predict_classes, tf_keras
+from pipeline.train import compile_classifier, cosine_schedule, fit, set_seed
+from pipeline.variants import OPTIMIZATION_ORDER
+
+
+class TechniqueError(ValueError):
+    """A technique cannot be applied to this model; the message names the technique, the layer or
+    format at fault, and what to do instead."""
+
+
+# Shared by the technique modules (defined before they are imported below).
+
+def finetune_epochs(config) -> int:
+    """Fine-tuning epochs for pruning, clustering and QAT: at least one, because pruning needs
+    steps to reach its target and QAT needs them to learn its quantization ranges."""
+    return max(1, config.finetune_epochs)
+
+
+def finetune(model, dataset, config, *, learning_rate: float, from_logits: bool, callbacks=()):
+    """Compile with a cosine-decayed rate and fit for `finetune_epochs(config)` epochs."""
+    epochs = finetune_epochs(config)
+    steps = math.ceil(len(dataset.x_train) / config.batch_size)
+    compile_classifier(model, cosine_schedule(learning_rate, epochs, steps), from_logits=from_logits)
+    fit(model, dataset, epochs=epochs, batch_size=config.batch_size, callbacks=callbacks,
+        seed=config.seed)
+
+
+def outputs_probabilities(model) -> bool:
+    """True when the model's last layer applies softmax (its outputs are probabilities, not
+    logits)."""
+    last = _unwrap(model.layers[-1])
+    if hasattr(last, "layers"):  # a nested model as the last layer
+        return outputs_probabilities(last)
+    if type(last).__name__ == "Softmax":
+        return True
+    activation = getattr(last, "activation", None)
+    return getattr(activation, "__name__", "") == "softmax"
+
+
+def tfmot_kernel_layers(model) -> list:
+    """Top-level Conv1D/2D/3D (and their transposes) and Dense layers: the kernels TF-MOT's pruning
+    and clustering work on (it leaves depthwise kernels alone)."""
+    keras = tf_keras()
+    kinds = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense)
+    return [layer for layer in model.layers if isinstance(layer, kinds)]
+
+
+@contextmanager
+def tfmot_errors(technique: str, layer=None):
+    """Turn TF-MOT's refusal of a layer or model into a TechniqueError naming both."""
+    try:
+        yield
+    except TechniqueError:
+        raise
+    except (ValueError, RuntimeError, TypeError, NotImplementedError) as error:
+        detail = " ".join(str(error).split())
+        found = re.search(r"Layer (\S+?):<class '[\w.]*?(\w+)'>", detail)
+        if layer is not None:
+            where = f"layer {layer.name!r} ({type(layer).__name__})"
+        elif found:
+            where = f"layer {found.group(1)!r} ({found.group(2)})"
+        else:
+            where = "this model"
+        raise TechniqueError(
+            f"{technique}: TF Model Optimization cannot handle {where}: {detail[:400]} -- "
+            f"replace that layer, or choose variants without {technique!r}") from error
+
+
+# The registry. Imported here, after the shared helpers above that the modules use.
+from pipeline.optimize import clustering, distillation, pruning, qat  # noqa: E402
+
+TECHNIQUES = {"distill": distillation, "prune": pruning, "cluster": clustering, "qat": qat}
+
+
+def parse_recipe(recipe: str) -> tuple[str, ...]:
+    """'cluster+prune' -> ('prune', 'cluster'): validated names in OPTIMIZATION_ORDER."""
+    names = [name.strip() for name in recipe.split("+") if name.strip()]
+    if not names:
+        raise TechniqueError(f"empty recipe {recipe!r}: name techniques joined by '+', e.g. "
+                             "'prune+cluster+qat'")
+    unknown = [name for name in names if name not in TECHNIQUES]
+    if unknown:
+        raise TechniqueError(f"unknown technique {unknown[0]!r} in recipe {recipe!r}; known: "
+                             f"{', '.join(TECHNIQUES)}")
+    if len(set(names)) != len(names):
+        raise TechniqueError(f"recipe {recipe!r} repeats a technique")
+    return tuple(sorted(names, key=OPTIMIZATION_ORDER.index))
+
+
+def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir) -> dict:
+    """Apply the recipe's techniques in order to a fresh copy of the base model and save it.
+
+    Returns {recipe, model_path, params, macs, sparsity, unique_weights_max,
+    unique_weights_per_channel_max, val_accuracy, keras_test_accuracy, keras_predictions_path}:
+    kernel figures as in `kernel_stats` (through QAT's wrappers), params as in `keras_params`,
+    accuracies of the Keras model, and its predicted test classes saved as .npy.
+    """
+    from sklearn.metrics import accuracy_score
+
+    techniques = parse_recipe(recipe)
+    name = "+".join(techniques)
+    model = _load_base(base_model_path, name, config)
+    set_seed(config.seed)
+    applied: tuple[str, ...] = ()
+    for technique in techniques:
+        model = TECHNIQUES[technique].apply(model, dataset, config, applied=applied)
+        applied += (technique,)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = save_optimized(model, out_dir / name)
+    test_predictions = predict_classes(model, dataset.x_test)
+    predictions_path = _save_array(out_dir / f"{name}.test-predictions.npy", test_predictions)
+    stats = kernel_stats(model)
+    return {
+        "recipe": name,
+        "model_path": model_path,
+        "params": keras_params(model),
+        "macs": stats["macs"],
+        "sparsity": stats["sparsity"],
+        "unique_weights_max": stats["unique_weights_max"],
+        "unique_weights_per_channel_max": stats["unique_weights_per_channel_max"],
+        "val_accuracy": float(accuracy_score(dataset.y_val, predict_classes(model, dataset.x_val))),
+        "keras_test_accuracy": float(accuracy_score(dataset.y_test, test_predictions)),
+        "keras_predictions_path": predictions_path,
+    }
+
+
+def _load_base(path, recipe: str, config):
+    kind = model_kind(path)
+    if kind != "tf_keras":
+        what = "a Keras 3 model" if kind == "keras3" else "a SavedModel without Keras metadata"
+        raise TechniqueError(
+            f"{recipe}: needs a tf_keras (Keras 2) model, because TF Model Optimization only "
+            f"works with Keras 2, but {Path(path).name} is {what}. Save the model with tf_keras "
+            "(TF_USE_LEGACY_KERAS=1), or choose variants without optimizations (e.g. int8)")
+    # A fresh copy on every call: TF-MOT's wrappers change the model they are given.
+    return load_model(path, allow_unsafe=config.allow_unsafe_model)
+
+
+def save_optimized(model, stem) -> str:
+    """Save atomically (temporary name, then os.replace) and return the path written.
+
+    Plain models go to `<stem>.keras`. QAT models go to the SavedModel directory
+    `<stem>.savedmodel`: the .keras format cannot reload TF-MOT's QuantizeLayer and .h5 cannot
+    reload cluster-preserving QAT (its quantizer rebuilds variables from the weights at load time).
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    if not _is_quantized(model):
+        target = stem.with_name(stem.name + ".keras")
+        tmp = stem.with_name(f".{stem.name}.tmp-{os.getpid()}.keras")  # Keras needs the suffix
+        model.save(str(tmp))
+        os.replace(tmp, target)
+        return str(target)
+    target = stem.with_name(stem.name + ".savedmodel")
+    tmp = stem.with_name(f".{stem.name}.tmp-{os.getpid()}.savedmodel")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(str(tmp), save_format="tf", include_optimizer=False)
+    if target.exists():  # os.replace cannot replace a non-empty directory: move the old one aside
+        old = stem.with_name(f".{stem.name}.old-{os.getpid()}.savedmodel")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return str(target)
+
+
+def load_optimized(path):
+    """Load a model written by save_optimized, QAT (including PQAT/CQAT/PCQAT) models too."""
+    import tensorflow_model_optimization as tfmot
+
+    keras = tf_keras()
+    with tfmot.quantization.keras.quantize_scope():
+        return keras.models.load_model(str(path), compile=False)
+
+
+def kernel_stats(model) -> dict:
+    """Figures over the conv/dense kernels, seen through TF-MOT wrappers: `sparsity` (share of
+    zero weights), `unique_weights_max` (most distinct values in one kernel),
+    `unique_weights_per_channel_max` (most distinct values in one output channel of a kernel) and
+    `macs` (multiply-adds of one forward pass, zeros included).
+
+    The per-channel figure is what cluster-preserving QAT keeps: it lets each Conv2D output
+    channel's centroids move on their own, so a kernel clustered to k values comes out with up to
+    k per channel (int8 conv kernels are quantized per channel anyway)."""
+    zeros = total = unique_max = per_channel_max = macs = 0
+    for outer, kernel in _kernels(model):
+        zeros += int(np.count_nonzero(kernel == 0))
+        total += kernel.size
+        unique_max = max(unique_max, int(np.unique(kernel).size))
+        channels = kernel.reshape(-1, kernel.shape[-1]).T
+        per_channel_max = max(per_channel_max, max(int(np.unique(c).size) for c in channels))
+        shape = outer.output_shape
+        spatial = int(np.prod([d for d in shape[1:-1] if d])) if len(shape) > 2 else 1
+        macs += spatial * kernel.size
+    return {"sparsity": zeros / total if total else 0.0, "unique_weights_max": unique_max,
+            "unique_weights_per_channel_max": per_channel_max,
+            "macs": macs}
+
+
+def keras_params(model) -> int:
+    """Parameters of the Keras layers, without TF-MOT's training variables (quantization ranges,
+    masks, cluster-preserving copies), so a QAT model counts like the model it wraps."""
+    return sum(int(np.prod(w.shape)) for layer in _walk(model) for w in _own_weights(layer))
+
+
+def _kernels(model):
+    """(layer as it sits in the model, kernel as an array) for conv/dense layers."""
+    keras = tf_keras()
+    kinds = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+             keras.layers.DepthwiseConv2D, keras.layers.Dense)
+    for layer in _walk(model):
+        inner = _unwrap(layer)
+        if isinstance(inner, kinds):
+            # The variable, not `inner.kernel`: QAT's wrapper replaces that attribute with the
+            # fake-quantized tensor of its graph.
+            kernel = next(w for w in _own_weights(layer)
+                          if w.name.split("/")[-1].split(":")[0] in ("kernel", "depthwise_kernel"))
+            yield layer, kernel.numpy()
+
+
+def _own_weights(layer) -> list:
+    """The variables of the Keras layer itself, without those a TF-MOT wrapper adds. (QAT's
+    wrapper takes over the variables of the layer it wraps, but they keep its name scope.)"""
+    inner = _unwrap(layer)
+    if inner is layer:
+        return [] if _from_tfmot(layer) else list(layer.weights)  # QAT's input QuantizeLayer
+    return [w for w in layer.weights if w.name.startswith(inner.name + "/")]
+
+
+def _walk(model):
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            yield from _walk(layer)
+        else:
+            yield layer
+
+
+def _unwrap(layer):
+    """The Keras layer inside TF-MOT's wrappers (PruneLowMagnitude, ClusterWeights, QuantizeWrapper)."""
+    while _from_tfmot(layer) and hasattr(layer, "layer"):
+        layer = layer.layer
+    return layer
+
+
+def _from_tfmot(layer, package: str = "") -> bool:
+    return type(layer).__module__.startswith(f"tensorflow_model_optimization.python.core.{package}")
+
+
+def _is_quantized(model) -> bool:
+    return any(_from_tfmot(layer, "quantization") for layer in _walk(model))
+
+
+def _save_array(path: Path, array: np.ndarray) -> str:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+    return str(path)

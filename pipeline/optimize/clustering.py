@@ -1,0 +1,47 @@
+"""Weight clustering (TF-MOT `cluster_weights`): each conv/dense kernel keeps at most
+`config.cluster_count` distinct values (k-means++ centroids, fine-tuned), then the wrappers are
+stripped. After pruning, clustering preserves sparsity (zeros stay zeros and one centroid is 0).
+
+Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT clusters) holding more
+weights than there are clusters; other layers (and layers inside nested models) are left as they
+are.
+"""
+from __future__ import annotations
+
+from pipeline import optimize
+from pipeline.models import tf_keras
+
+NAME = "cluster"
+# TF-MOT's clustering guide fine-tunes far below the training rate: the centroids only need nudging.
+LEARNING_RATE_SCALE = 0.05
+
+
+def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
+    import tensorflow_model_optimization as tfmot
+
+    clustering = tfmot.clustering.keras
+    keras = tf_keras()
+    targets = {layer.name for layer in optimize.tfmot_kernel_layers(model)
+               if layer.kernel.shape.num_elements() > config.cluster_count}
+    if not targets:
+        raise optimize.TechniqueError(
+            f"{NAME}: model {model.name!r} has no Conv/Dense kernel with more than "
+            f"{config.cluster_count} weights to cluster")
+    params = {
+        "number_of_clusters": config.cluster_count,
+        "cluster_centroids_init": clustering.CentroidInitialization.KMEANS_PLUS_PLUS,
+        "preserve_sparsity": "prune" in applied,
+    }
+
+    def wrap(layer):
+        if layer.name not in targets:
+            return layer
+        with optimize.tfmot_errors(NAME, layer):
+            return clustering.cluster_weights(layer, **params)
+
+    with optimize.tfmot_errors(NAME):
+        clustered = keras.models.clone_model(model, clone_function=wrap)
+    optimize.finetune(clustered, dataset, config,
+                      learning_rate=config.learning_rate * LEARNING_RATE_SCALE,
+                      from_logits=not optimize.outputs_probabilities(model))
+    return clustering.strip_clustering(clustered)

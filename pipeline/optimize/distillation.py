@@ -1,0 +1,79 @@
+"""Knowledge distillation: train a smaller student CNN (`build_cnn` at `config.student_width`,
+about a quarter of the default CNN's multiply-adds at width 0.5) on the teacher's
+temperature-softened outputs plus the hard labels.
+
+loss = alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
+
+The teacher's logits are computed once on the training and validation images and fed to Keras as
+a second target column, so training is a plain `fit` (no custom train_step) and the teacher is not
+run again every epoch. A teacher with a softmax output contributes its log-probabilities, which
+are logits up to a constant (softmax ignores the constant). Returns a plain, uncompiled tf_keras
+Sequential student with a logits output.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline import optimize
+from pipeline.models import build_cnn, count_macs, tf_keras
+from pipeline.train import cosine_schedule
+
+NAME = "distill"
+
+
+def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
+    import tensorflow as tf
+
+    keras = tf_keras()
+    teacher = model
+    student = build_cnn(dataset.input_shape, dataset.num_classes, width=config.student_width,
+                        name="student_cnn")
+    teacher_macs, student_macs = count_macs(teacher), count_macs(student)
+    if teacher_macs and student_macs >= teacher_macs:
+        raise optimize.TechniqueError(
+            f"{NAME}: the student ({student_macs:,} multiply-adds at student_width="
+            f"{config.student_width}) is not smaller than the teacher ({teacher_macs:,}): "
+            "lower student_width")
+
+    temperature, alpha = config.distill_temperature, config.distill_alpha
+
+    def distillation_loss(target, student_logits):
+        labels = tf.cast(target[:, 0], tf.int32)
+        teacher_log_p = tf.nn.log_softmax(target[:, 1:] / temperature)
+        student_log_p = tf.nn.log_softmax(student_logits / temperature)
+        soft = tf.reduce_sum(tf.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
+        hard = keras.losses.sparse_categorical_crossentropy(labels, student_logits, from_logits=True)
+        return alpha * hard + (1.0 - alpha) * temperature ** 2 * soft
+
+    def accuracy(target, student_logits):
+        labels = tf.cast(target[:, 0], tf.int64)
+        return tf.cast(tf.equal(labels, tf.argmax(student_logits, axis=-1)), tf.float32)
+
+    steps = math.ceil(len(dataset.x_train) / config.batch_size)
+    student.compile(
+        optimizer=keras.optimizers.Adam(
+            cosine_schedule(config.learning_rate, config.distill_epochs, steps)),
+        loss=distillation_loss, metrics=[accuracy])
+    student.fit(dataset.x_train, _targets(teacher, dataset.x_train, dataset.y_train),
+                batch_size=config.batch_size, epochs=config.distill_epochs,
+                validation_data=(dataset.x_val, _targets(teacher, dataset.x_val, dataset.y_val)),
+                shuffle=True, verbose=2)
+    # An uncompiled copy: it saves without the custom loss and optimizer state.
+    plain = keras.models.clone_model(student)
+    plain.set_weights(student.get_weights())
+    return plain
+
+
+def teacher_logits(teacher, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """The teacher's logits; log-probabilities when its last layer is a softmax."""
+    outputs = np.asarray(teacher.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+    if optimize.outputs_probabilities(teacher):
+        outputs = np.log(np.clip(outputs, 1e-7, 1.0))
+    return outputs
+
+
+def _targets(teacher, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One array per example: [label, teacher logits...] (labels are exact in float32)."""
+    return np.concatenate([y[:, None].astype(np.float32), teacher_logits(teacher, x)], axis=1)

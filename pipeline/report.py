@@ -1,0 +1,213 @@
+"""The run's report: a markdown summary table (one row per variant, failed ones included) and a
+Pareto plot (accuracy against gzip size). Both are pure functions of the benchmark results and the
+Selection; the caller logs them as the parent run's `report/summary.md` and `report/pareto.png`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.select import PARETO_METRICS, Selection, finite_number, objective_value
+
+COLUMNS = ("variant", "accuracy", "delta (pts)", "size", "gzip size", "ratio", "gzip ratio",
+           "latency p50 (ms)", "peak mem (MB)", "gates", "pareto", "champion")
+ERROR_CHARS = 80
+# One marker shape per quantization mode in the plot.
+MARKERS = {"float32": "o", "dynamic": "s", "float16": "^", "int8": "D", "int16x8": "v"}
+
+
+def ordered(results: list[dict[str, Any]], selection: Selection) -> list[dict[str, Any]]:
+    """Champion first, then the other passing variants by objective, then rejected, then failed."""
+    rank = {name: i for i, name in enumerate(selection.passed)}
+
+    def key(result):
+        name = result["variant"]
+        if name == selection.champion:
+            return (0, 0, 0.0, name)
+        if name in rank:
+            return (1, rank[name], 0.0, name)
+        if result.get("status") == "ok":
+            value = objective_value(result, selection.objective)
+            return (2, 0, value if value is not None else float("inf"), name)
+        return (3, 0, 0.0, name)
+
+    return sorted(results, key=key)
+
+
+def terminal_table(results: list[dict[str, Any]], selection: Selection) -> str:
+    """The summary table alone, as markdown (readable as is in a terminal or a task log)."""
+    pareto = set(selection.pareto)
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join("---" if i in (0, 9, 10, 11) else "---:" for i in range(len(COLUMNS)))
+             + "|"]
+    for result in ordered(results, selection):
+        name = result["variant"]
+        if result.get("status") == "ok":
+            reasons = selection.rejected.get(name)
+            gates = "pass" if name in selection.passed else "; ".join(reasons or ["not evaluated"])
+        else:
+            gates = "failed: " + _shorten(str(result.get("error") or "unknown error"))
+        cells = [
+            f"`{name}`",
+            _num(result.get("accuracy"), "{:.4f}"),
+            _num(result.get("accuracy_delta_pts"), "{:+.2f}"),
+            _size(result.get("size_bytes")),
+            _size(result.get("gzip_size_bytes")),
+            _num(result.get("compression_ratio"), "{:.2f}x"),
+            _num(result.get("gzip_compression_ratio"), "{:.2f}x"),
+            _num(result.get("latency_ms_p50"), "{:.3f}"),
+            _num(result.get("peak_memory_mb"), "{:.1f}"),
+            _escape(gates),
+            "yes" if name in pareto else "",
+            "**champion**" if name == selection.champion else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(results: list[dict[str, Any]], selection: Selection) -> str:
+    """The run's summary: the decision in one paragraph, then the table."""
+    failed = sum(1 for r in results if r.get("status") != "ok")
+    champion = f"`{selection.champion}`" if selection.champion else "none"
+    return (
+        "# Model compression summary\n\n"
+        f"**Champion:** {champion} (objective: {selection.objective})  \n"
+        f"**Why:** {_escape(selection.reason)}  \n"
+        f"**Variants:** {len(results)} ({len(selection.passed)} passed the gates, "
+        f"{len(selection.rejected) - failed} rejected, {failed} failed)  \n"
+        f"**Pareto front** (accuracy, gzip size, p50 latency): "
+        f"{', '.join(f'`{n}`' for n in selection.pareto) or 'empty'}\n\n"
+        + terminal_table(results, selection)
+    )
+
+
+def pareto_plot(results: list[dict[str, Any]], selection: Selection, path: str | Path) -> Path:
+    """Accuracy against gzip size (log x) as a PNG at `path`, written atomically.
+
+    Marker shape = quantization mode, colour = p50 latency. Pareto variants (accuracy, gzip size,
+    latency) have a red edge and those that form the accuracy/size front are joined by a line; the
+    champion is ringed and labelled; variants failing the gates are faded."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    path = Path(path)
+    points = [r for r in results if r.get("status") == "ok"
+              and all(finite_number(r.get(k)) is not None for k in PARETO_METRICS)]
+    fig = Figure(figsize=(10, 6.5), dpi=110)
+    ax = fig.add_subplot()
+    ax.set_title("Compressed variants: accuracy vs gzip size")
+    ax.set_xlabel("gzip size (log scale)")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    if points:
+        _draw_variants(fig, ax, points, selection)
+    else:
+        ax.text(0.5, 0.5, "no variant produced measurements", ha="center", va="center",
+                transform=ax.transAxes)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _draw_variants(fig, ax, points, selection: Selection) -> None:
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+
+    ax.set_xscale("log")
+    latencies = [r["latency_ms_p50"] for r in points]
+    low, high = min(latencies), max(latencies)
+    norm = Normalize(vmin=low, vmax=high if high > low else low + 1e-6)
+    cmap = colormaps["viridis"]
+    passed, pareto = set(selection.passed), set(selection.pareto)
+    for r in points:
+        on_front = r["variant"] in pareto
+        ax.scatter([r["gzip_size_bytes"]], [r["accuracy"]], c=[r["latency_ms_p50"]], cmap=cmap,
+                   norm=norm, marker=MARKERS.get(r.get("quantization"), "P"), s=80, zorder=2,
+                   edgecolors="red" if on_front else "black", linewidths=1.8 if on_front else 0.6,
+                   alpha=0.95 if r["variant"] in passed else 0.35)
+        ax.annotate(r["variant"], (r["gzip_size_bytes"], r["accuracy"]), fontsize=7,
+                    xytext=(6, 4), textcoords="offset points")
+    # The line joins the Pareto variants that are not beaten on accuracy by a smaller one.
+    front, best = [], float("-inf")
+    for r in sorted((r for r in points if r["variant"] in pareto),
+                    key=lambda r: (r["gzip_size_bytes"], -r["accuracy"])):
+        if r["accuracy"] > best:
+            front.append(r)
+            best = r["accuracy"]
+    ax.plot([r["gzip_size_bytes"] for r in front], [r["accuracy"] for r in front],
+            color="red", linestyle="--", linewidth=1.2, zorder=1)
+    champion = next((r for r in points if r["variant"] == selection.champion), None)
+    if champion:
+        xy = (champion["gzip_size_bytes"], champion["accuracy"])
+        ax.scatter(*xy, s=420, facecolors="none", edgecolors="crimson", linewidths=2.2, zorder=3)
+        ax.annotate(f"champion: {champion['variant']}", xy, xytext=(14, -20),
+                    textcoords="offset points", fontsize=9, fontweight="bold", color="crimson",
+                    arrowprops={"arrowstyle": "->", "color": "crimson"})
+    ax.xaxis.set_major_formatter(lambda value, _pos: _tick(value, minor=False))
+    ax.xaxis.set_minor_formatter(lambda value, _pos: _tick(value, minor=True))
+    ax.tick_params(axis="x", which="both", labelsize=7)
+    modes = sorted({r.get("quantization") for r in points}, key=str)
+    handles = [Line2D([], [], marker=MARKERS.get(m, "P"), color="grey", linestyle="", label=str(m))
+               for m in modes]
+    handles.append(Line2D([], [], color="red", linestyle="--", marker="o", markerfacecolor="none",
+                          markeredgecolor="red", label="Pareto front"))
+    if any(r["variant"] not in passed for r in points):
+        handles.append(Line2D([], [], marker="o", color="grey", alpha=0.35, linestyle="",
+                              label="failed the gates"))
+    if champion:
+        handles.append(Line2D([], [], marker="o", markersize=14, markerfacecolor="none",
+                              markeredgecolor="crimson", linestyle="", label="champion"))
+    ax.legend(handles=handles, loc="best", fontsize=8)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="latency p50 (ms)")
+
+
+def _size(value: Any) -> str:
+    """Bytes in decimal units: 812 B, 12.3 KB, 1.45 MB."""
+    value = finite_number(value)
+    if value is None:
+        return "-"
+    if value < 1000:
+        return f"{value:.0f} B"
+    if value < 1000 ** 2:
+        return f"{value / 1000:.1f} KB"
+    return f"{value / 1000 ** 2:.2f} MB"
+
+
+def _tick(value: float, minor: bool) -> str:
+    """Axis label for a byte count: "30 KB"; minor ticks only at 2, 3 and 5 (no crowding)."""
+    if value <= 0:
+        return ""
+    lead = round(value / 10 ** math.floor(math.log10(value)))
+    if minor and lead not in (2, 3, 5):
+        return ""
+    for unit, factor in (("MB", 1e6), ("KB", 1e3), ("B", 1)):
+        if value >= factor:
+            return f"{value / factor:g} {unit}"
+    return f"{value:g} B"
+
+
+def _num(value: Any, fmt: str) -> str:
+    value = finite_number(value)
+    return "-" if value is None else fmt.format(value)
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS - 1] + "…"
+
+
+def _escape(text: str) -> str:
+    """Keep a cell inside its table: no pipes, no newlines."""
+    return " ".join(str(text).split()).replace("|", "\\|")

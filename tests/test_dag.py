@@ -1,0 +1,70 @@
+"""DAG integrity: parses without import errors, fast, without TensorFlow, in the agreed shape."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+    return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+def test_no_import_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert "model_compression" in dagbag.dag_ids
+
+
+def test_task_order(dagbag):
+    dag = dagbag.dags["model_compression"]
+    ids = {t.task_id for t in dag.tasks}
+    assert {"train", "optimize", "variant.quantize", "variant.evaluate", "variant.benchmark",
+            "select", "register"} <= ids
+    task = dag.get_task
+    assert "train" in task("optimize").upstream_task_ids
+    assert "optimize" in task("variant.quantize").upstream_task_ids
+    assert "variant.quantize" in task("variant.evaluate").upstream_task_ids
+    assert "variant.evaluate" in task("variant.benchmark").upstream_task_ids
+    assert "variant.benchmark" in task("select").upstream_task_ids
+    assert "select" in task("register").upstream_task_ids
+    assert task("select").trigger_rule == "all_done"
+
+
+def test_parse_is_fast_and_imports_no_tensorflow():
+    # Airflow itself is already imported in the DAG processor: time only what the file adds.
+    code = ("import sys, time; import airflow.sdk; from airflow.sdk import dag, task, Param;"
+            "t = time.perf_counter();"
+            "import importlib.util as u; s = u.spec_from_file_location('m', sys.argv[1]);"
+            "m = u.module_from_spec(s); s.loader.exec_module(m);"
+            "print(time.perf_counter() - t, 'tensorflow' in sys.modules)")
+    # Warm the file-system cache once, then time a fresh interpreter parse.
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags" / "model_compression.py")],
+                             capture_output=True, text=True, env=os.environ.copy(), check=True)
+    seconds, tf_imported = out.stdout.split()
+    assert tf_imported == "False"
+    assert float(seconds) < 2.0
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("epochs", 0), ("epochs", "ten"), ("variants", ["int9"]), ("variants", []),
+    ("variants", ["qat-dynamic"]), ("objective", "speed"), ("prune_sparsity", 1.5),
+    ("train_limit", -5), ("dataset", ""),
+])
+def test_trigger_form_schema_rejects_invalid_values(dagbag, name, bad):
+    from airflow.sdk.definitions.param import ParamValidationError
+    param = dagbag.dags["model_compression"].params.get_param(name)
+    with pytest.raises(ParamValidationError):
+        param.resolve(bad)
+
+
+def test_trigger_form_accepts_valid_values(dagbag):
+    params = dagbag.dags["model_compression"].params
+    assert params.get_param("variants").resolve(["prune+cluster+qat-int8", "distill-int8"])
+    assert params.get_param("epochs").resolve(3) == 3

@@ -1,0 +1,245 @@
+"""Training-time techniques on a tiny CNN: figures measured on the Keras kernels and, for QAT,
+on the int8 kernels of the converted LiteRT model (the honest check)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from pipeline.config import PipelineConfig
+from pipeline.data import load_dataset
+from pipeline.errors import PipelineInputError
+from pipeline.models import build_cnn, count_macs, load_model, predict_classes, tf_keras
+from pipeline.optimize import (TECHNIQUES, TechniqueError, apply_recipe, clustering, distillation,
+                               kernel_stats, load_optimized, parse_recipe, pruning,
+                               save_optimized)
+from pipeline.train import compile_classifier, fit, set_seed
+from pipeline.variants import OPTIMIZATION_ORDER
+
+TARGET_SPARSITY = 0.75
+CLUSTERS = 8
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_dataset("fashion-mnist", train_limit=600, test_limit=200)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return PipelineConfig(finetune_epochs=1, distill_epochs=1, batch_size=32, seed=7,
+                          prune_sparsity=TARGET_SPARSITY, cluster_count=CLUSTERS)
+
+
+@pytest.fixture(scope="module")
+def base_path(dataset, tmp_path_factory):
+    """The default CNN trained one epoch (17 steps). BatchNorm momentum 0.5 so its moving
+    variance settles within those steps: at Keras' 0.99 it stays near its initial 1.0, far above
+    the real variances (~1e-3 after the first conv), and inference-mode accuracy is near chance."""
+    set_seed(7)
+    model = build_cnn(dataset.input_shape, dataset.num_classes, name="teacher_cnn")
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            layer.momentum = 0.5
+    compile_classifier(model, 2e-3)
+    fit(model, dataset, epochs=1, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("base") / "base.keras"
+    model.save(path)
+    return str(path)
+
+
+def kernels(model) -> dict[str, np.ndarray]:
+    """Conv/dense kernels of a plain tf_keras model, by layer name."""
+    return {layer.name: layer.kernel.numpy() for layer in model.layers
+            if type(layer).__name__ in ("Conv2D", "Dense")}
+
+
+def convert_int8(model, dataset) -> bytes:
+    import tensorflow as tf
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = dataset.calibration_batches(100)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def litert_weights(tflite: bytes) -> list[np.ndarray]:
+    """The rank-2/4 constant tensors (conv and fully-connected kernels, [out, ..., in]): unlike
+    activations, constants hold data before any invoke."""
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_content=tflite)
+    interpreter.allocate_tensors()
+    io = {d["index"] for d in interpreter.get_input_details() + interpreter.get_output_details()}
+    weights = []
+    for detail in interpreter.get_tensor_details():
+        if detail["index"] in io or len(detail["shape"]) not in (2, 4):
+            continue
+        try:
+            weights.append(interpreter.get_tensor(detail["index"]))
+        except ValueError:  # an activation: no data yet
+            continue
+    return weights
+
+
+def litert_predictions(tflite: bytes, x: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_content=tflite)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    classes = []
+    for image in x:
+        interpreter.set_tensor(inp["index"], image[None].astype(np.float32))
+        interpreter.invoke()
+        classes.append(int(interpreter.get_tensor(out["index"]).argmax()))
+    return np.array(classes)
+
+
+def test_registry_covers_the_optimization_order_and_recipes_are_ordered():
+    assert set(TECHNIQUES) == set(OPTIMIZATION_ORDER)
+    assert all(module.NAME == name and callable(module.apply) for name, module in TECHNIQUES.items())
+    assert parse_recipe("qat+cluster+prune") == ("prune", "cluster", "qat")
+    assert parse_recipe("distill+qat") == ("distill", "qat")
+    with pytest.raises(TechniqueError, match="unknown technique 'quantize'"):
+        parse_recipe("prune+quantize")
+    with pytest.raises(TechniqueError, match="repeats"):
+        parse_recipe("prune+prune")
+
+
+def test_prune_reaches_the_target_sparsity(base_path, dataset, config, tmp_path):
+    base = load_model(base_path)
+    result = apply_recipe("prune", base_path, dataset, config, tmp_path)
+    model = load_optimized(result["model_path"])
+
+    pruned = pruning.layers_to_prune(base, structured=False)
+    assert pruned == {"conv2d_1", "dense", "dense_1"}  # the 288-weight first conv stays dense
+    for name, kernel in kernels(model).items():
+        sparsity = float(np.mean(kernel == 0))
+        if name in pruned:
+            assert abs(sparsity - TARGET_SPARSITY) <= 0.02, (name, sparsity)
+        else:
+            assert sparsity == 0.0, (name, sparsity)
+    assert abs(result["sparsity"] - TARGET_SPARSITY) <= 0.02
+    assert result["macs"] == count_macs(base) and result["params"] == base.count_params()
+
+    saved = np.load(result["keras_predictions_path"])
+    assert saved.shape == dataset.y_test.shape
+    assert np.array_equal(saved, predict_classes(model, dataset.x_test))  # the saved model
+    assert result["keras_test_accuracy"] == pytest.approx(float(np.mean(saved == dataset.y_test)))
+    assert 0.0 <= result["val_accuracy"] <= 1.0
+
+
+def test_structured_pruning_leaves_two_zeros_in_every_group_of_four(base_path, dataset, config):
+    structured = dataclasses.replace(config, prune_structured=True)
+    model = pruning.apply(load_model(base_path), dataset, structured, applied=())
+    checked = 0
+    for name, kernel in kernels(model).items():
+        in_channels = kernel.shape[-2]
+        if in_channels % 4:
+            assert not np.any(kernel == 0), name  # 1-channel first conv: no whole groups of four
+            continue
+        # Groups of four consecutive input channels for each output channel (and tap).
+        groups = np.moveaxis(kernel, -1, 0).reshape(-1, 4)
+        assert np.all(np.sum(groups == 0, axis=1) >= 2), name
+        checked += 1
+    assert checked == 3
+    assert kernel_stats(model)["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_clustering_leaves_at_most_k_values_per_kernel(base_path, dataset, config):
+    base = load_model(base_path)
+    assert min(np.unique(k).size for k in kernels(base).values()) > CLUSTERS
+    model = clustering.apply(base, dataset, config, applied=())
+    for name, kernel in kernels(model).items():
+        assert np.unique(kernel).size <= CLUSTERS, name
+    assert kernel_stats(model)["unique_weights_max"] <= CLUSTERS
+
+
+def test_qat_model_round_trips_and_converts_to_int8_kernels(base_path, dataset, config, tmp_path):
+    result = apply_recipe("qat", base_path, dataset, config, tmp_path)
+    model = load_optimized(result["model_path"])
+    assert any(type(layer).__name__ == "QuantizeWrapperV2" for layer in model.layers)
+    keras_classes = np.load(result["keras_predictions_path"])
+    assert np.array_equal(predict_classes(model, dataset.x_test), keras_classes)
+    assert result["params"] == load_model(base_path).count_params()  # QAT variables not counted
+
+    # Saving over an existing SavedModel directory replaces it and leaves no temporary files.
+    assert save_optimized(model, tmp_path / "qat") == result["model_path"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.savedmodel", "qat.test-predictions.npy"]
+
+    tflite = convert_int8(model, dataset)
+    weights = litert_weights(tflite)
+    assert len(weights) == 4 and all(w.dtype == np.int8 for w in weights)
+    agreement = np.mean(litert_predictions(tflite, dataset.x_test) == keras_classes)
+    assert agreement >= 0.9
+
+
+def test_distilled_student_is_smaller_and_plain(base_path, dataset, config):
+    teacher = load_model(base_path)
+    student = distillation.apply(teacher, dataset, config, applied=())
+    keras = tf_keras()
+    assert isinstance(student, keras.Sequential) and student.optimizer is None
+    assert student.output_shape == (None, dataset.num_classes)
+    assert student.layers[-1].activation.__name__ == "linear"  # logits
+    assert student.count_params() < teacher.count_params()
+    assert count_macs(student) <= 0.30 * count_macs(teacher)
+    # Trained (not the initial weights): it agrees with the teacher well above chance.
+    agreement = np.mean(predict_classes(student, dataset.x_test)
+                        == predict_classes(teacher, dataset.x_test))
+    assert agreement > 0.3
+
+
+def test_a_softmax_teacher_contributes_log_probabilities(base_path, dataset):
+    keras = tf_keras()
+    logits_teacher = load_model(base_path)
+    probability_teacher = keras.Model(logits_teacher.input,
+                                      keras.layers.Softmax()(logits_teacher.output))
+    x = dataset.x_test[:16]
+    logits = distillation.teacher_logits(logits_teacher, x)
+    from_probabilities = distillation.teacher_logits(probability_teacher, x)
+    log_softmax = logits - np.log(np.sum(np.exp(logits), axis=1, keepdims=True))
+    np.testing.assert_allclose(from_probabilities, np.maximum(log_softmax, np.log(1e-7)), atol=1e-4)
+
+
+def test_prune_cluster_qat_keeps_sparsity_and_clusters_in_int8(base_path, dataset, config, tmp_path):
+    result = apply_recipe("prune+cluster+qat", base_path, dataset, config, tmp_path)
+    assert result["recipe"] == "prune+cluster+qat"
+    assert result["sparsity"] >= 0.9 * TARGET_SPARSITY
+    assert result["unique_weights_per_channel_max"] <= CLUSTERS
+
+    model = load_optimized(result["model_path"])  # a PCQAT model reloads
+    assert np.array_equal(predict_classes(model, dataset.x_test),
+                          np.load(result["keras_predictions_path"]))
+
+    weights = litert_weights(convert_int8(model, dataset))
+    assert len(weights) == 4 and all(w.dtype == np.int8 for w in weights)
+    zeros = sum(int(np.sum(w == 0)) for w in weights)
+    assert zeros / sum(w.size for w in weights) >= 0.9 * TARGET_SPARSITY
+    for weight in weights:  # LiteRT layout [out, ..., in]: one row per output channel
+        rows = weight.reshape(weight.shape[0], -1)
+        assert max(np.unique(row).size for row in rows) <= CLUSTERS + 1
+
+
+def test_a_keras3_model_is_refused_with_a_clear_error(dataset, config, tmp_path):
+    import keras  # Keras 3, beside tf_keras
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    model.save(tmp_path / "k3.keras")
+    with pytest.raises(TechniqueError) as error:
+        apply_recipe("prune+qat", str(tmp_path / "k3.keras"), dataset, config, tmp_path / "out")
+    message = str(error.value)
+    assert "prune+qat" in message and "tf_keras (Keras 2)" in message and "Keras 3" in message
+    assert not isinstance(error.value, PipelineInputError)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unsupported_layer_is_named_in_the_error(dataset, config, tmp_path):
+    keras = tf_keras()
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(16),
+                              keras.layers.LayerNormalization(name="my_layer_norm"),
+                              keras.layers.Dense(10)])
+    model.save(tmp_path / "layer_norm.keras")
+    with pytest.raises(TechniqueError, match=r"^qat: .*'my_layer_norm' \(LayerNormalization\)"):
+        apply_recipe("qat", str(tmp_path / "layer_norm.keras"), dataset, config, tmp_path / "out")

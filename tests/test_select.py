@@ -1,0 +1,132 @@
+"""Quality gates, Pareto front and the champion choice: table-driven, no MLflow, no TensorFlow."""
+import json
+
+import pytest
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineInputError
+from pipeline.select import Selection, choose, gate_failures, objective_value, pareto_front
+
+
+def result(variant, accuracy=0.90, delta=-0.2, gzip=10_000, latency=1.0, memory=20.0,
+           ratio=4.0, status="ok", error=None, **extra):
+    quantization = variant.rsplit("-", 1)[-1]
+    return {"variant": variant, "quantization": quantization, "optimizations": "",
+            "status": status, "error": error, "accuracy": accuracy, "accuracy_delta_pts": delta,
+            "size_bytes": gzip * 2, "gzip_size_bytes": gzip, "compression_ratio": ratio,
+            "gzip_compression_ratio": ratio * 2, "latency_ms_p50": latency,
+            "latency_ms_p90": latency and latency * 1.2, "peak_memory_mb": memory, **extra}
+
+
+def config(**overrides):
+    return PipelineConfig.from_mapping(overrides, use_env=False)
+
+
+@pytest.mark.parametrize("row, settings, expected", [
+    (result("int8"), {}, []),
+    (result("int8", delta=-1.0), {}, []),                        # exactly at the budget passes
+    (result("int8", delta=-1.4), {}, ["accuracy drop 1.4 pts > 1.0 allowed"]),
+    (result("int8", delta=0.3), {}, []),                         # better than the baseline
+    (result("int8", ratio=2.0), {"min_compression_ratio": 4.0},
+     ["compression ratio 2.0 < 4.0 required"]),
+    (result("int8", latency=3.25), {"max_latency_ms": 2.0},
+     ["latency p50 3.25 ms > 2.0 ms allowed"]),
+    (result("int8", memory=45.0), {"max_peak_memory_mb": 40.0},
+     ["peak memory 45.0 MB > 40.0 MB allowed"]),
+    (result("int8", memory=45.0), {}, []),                       # no memory gate by default
+    (result("int8", delta=-2.0, latency=5.0), {"max_latency_ms": 1.0},
+     ["accuracy drop 2.0 pts > 1.0 allowed", "latency p50 5.0 ms > 1.0 ms allowed"]),
+    ({"variant": "qat-int8", "status": "failed", "error": "conversion blew up"}, {},
+     ["failed: conversion blew up"]),
+    (result("int8", latency=None), {"max_latency_ms": 2.0}, ["no latency_ms_p50 measured"]),
+    (result("int8", memory=float("nan")), {"objective": "memory"},
+     ["no peak_memory_mb measured (needed by the objective memory)"]),
+])
+def test_gate_failures(row, settings, expected):
+    assert gate_failures(row, config(**settings)) == expected
+
+
+@pytest.mark.parametrize("rows, expected", [
+    # b is smaller than a at equal accuracy and latency: a is dominated
+    ([result("a", gzip=200), result("b", gzip=100)], ["b"]),
+    # trade-off: a more accurate, b smaller -> both on the front, smallest first
+    ([result("a", accuracy=0.92, gzip=200), result("b", accuracy=0.90, gzip=100)], ["b", "a"]),
+    # c is only faster: still non-dominated
+    ([result("a", gzip=100), result("c", gzip=300, latency=0.1), result("d", gzip=300)],
+     ["a", "c"]),
+    # identical points do not dominate each other
+    ([result("a"), result("b")], ["a", "b"]),
+    # failed variants and variants missing a metric are left out
+    ([result("a", gzip=500), result("b", gzip=1, status="failed", error="x"),
+      result("c", gzip=1, latency=None)], ["a"]),
+    ([], []),
+])
+def test_pareto_front(rows, expected):
+    assert pareto_front(rows) == expected
+
+
+@pytest.mark.parametrize("objective, expected", [
+    ("gzip_size", 10_000), ("latency", 1.0), ("memory", 20.0)])
+def test_objective_value(objective, expected):
+    assert objective_value(result("int8"), objective) == expected
+
+
+def test_objective_value_rejects_unknown_objective():
+    with pytest.raises(PipelineInputError, match="objective must be one of"):
+        objective_value(result("int8"), "accuracy")
+
+
+@pytest.mark.parametrize("rows, settings, champion, passed", [
+    # smallest gzip size wins
+    ([result("float32", gzip=400), result("dynamic", gzip=120), result("int8", gzip=100)],
+     {}, "int8", ["int8", "dynamic", "float32"]),
+    # the smallest breaks the accuracy budget: next smallest wins
+    ([result("dynamic", gzip=120), result("int8", gzip=100, delta=-1.5)],
+     {}, "dynamic", ["dynamic"]),
+    # objective tie: higher accuracy wins
+    ([result("a-int8", gzip=100, accuracy=0.90), result("b-int8", gzip=100, accuracy=0.91)],
+     {}, "b-int8", ["b-int8", "a-int8"]),
+    # objective and accuracy tie: name decides
+    ([result("b-int8", gzip=100), result("a-int8", gzip=100)], {}, "a-int8", ["a-int8", "b-int8"]),
+    # latency objective
+    ([result("int8", gzip=100, latency=2.0), result("float16", gzip=300, latency=0.5)],
+     {"objective": "latency"}, "float16", ["float16", "int8"]),
+    # memory objective
+    ([result("int8", memory=30.0), result("dynamic", memory=12.0)],
+     {"objective": "memory"}, "dynamic", ["dynamic", "int8"]),
+    # a failed variant never wins, even with the best numbers
+    ([result("int8", gzip=1, status="failed", error="boom"), result("float32", gzip=400)],
+     {}, "float32", ["float32"]),
+])
+def test_choose(rows, settings, champion, passed):
+    selection = choose(rows, config(**settings))
+    assert selection.champion == champion
+    assert selection.passed == passed
+    assert selection.objective == (settings.get("objective") or "gzip_size")
+    assert champion in selection.reason
+
+
+def test_choose_all_failing_gives_no_champion_with_reasons():
+    rows = [result("int8", delta=-3.0), result("float16", ratio=2.0),
+            {"variant": "qat-int8", "status": "failed", "error": "out of memory"}]
+    selection = choose(rows, config(min_compression_ratio=3.0))
+    assert selection.champion is None
+    assert selection.passed == []
+    assert selection.rejected == {
+        "int8": ["accuracy drop 3.0 pts > 1.0 allowed"],
+        "float16": ["compression ratio 2.0 < 3.0 required"],
+        "qat-int8": ["failed: out of memory"],
+    }
+    assert selection.reason.startswith("no variant passed the gates")
+    assert selection.pareto == ["float16", "int8"]  # identical points: both, by name
+
+
+def test_choose_rejects_duplicate_variants():
+    with pytest.raises(PipelineInputError, match="duplicate"):
+        choose([result("int8"), result("int8")], config())
+
+
+def test_selection_round_trips_through_json():
+    selection = choose([result("int8", gzip=100), result("float32", delta=-2.0)], config())
+    restored = Selection.from_dict(json.loads(json.dumps(selection.to_dict())))
+    assert restored == selection
