@@ -1,0 +1,67 @@
+"""End to end through Airflow (`dag.test` on a real metadata DB) with MLflow read back."""
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import QUICK
+
+CONTRACT_METRICS = ("accuracy", "accuracy_delta_pts", "size_bytes", "gzip_size_bytes",
+                    "compression_ratio", "gzip_compression_ratio", "latency_ms_p50",
+                    "latency_ms_p90", "peak_memory_mb")
+
+
+def _children(client, parent_run_id):
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {run.data.tags["variant"]: run for run in runs}
+
+
+@pytest.fixture(scope="module")
+def dag_run(airflow_db):
+    from pipeline.launch import run_dag
+    conf = {**QUICK, "variants": ["float32", "dynamic", "int8"], "experiment": "e2e-foundation",
+            "registered_model_name": "e2e-foundation-model"}
+    return run_dag(conf)
+
+
+def test_dag_run_succeeds_with_parent_and_child_runs(dag_run):
+    from mlflow import MlflowClient
+    run, ctx = dag_run
+    assert str(run.state).endswith("success")
+    client = MlflowClient()
+    parent = client.get_run(ctx["parent_run_id"])
+    assert parent.data.tags["airflow_dag_id"] == "model_compression"
+    assert parent.data.tags["airflow_run_id"] == run.run_id
+    assert parent.data.params["dataset"] == "fashion-mnist"
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/summary.md", "report/pareto.png"} <= artifacts
+
+    children = _children(client, ctx["parent_run_id"])
+    assert set(children) == {"float32", "dynamic", "int8"}
+    for name, child in children.items():
+        assert child.data.tags["quantization"] == name
+        assert child.data.tags["optimizations"] == ""
+        for metric in CONTRACT_METRICS:
+            assert metric in child.data.metrics, (name, metric)
+        assert 0.0 <= child.data.metrics["accuracy"] <= 1.0
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "model")] == ["model/model.tflite"]
+
+
+def test_dynamic_range_figures(dag_run):
+    from mlflow import MlflowClient
+    _, ctx = dag_run
+    dynamic = _children(MlflowClient(), ctx["parent_run_id"])["dynamic"].data.metrics
+    assert dynamic["compression_ratio"] >= 3.5
+    assert dynamic["accuracy_delta_pts"] >= -1.5
+    float32 = _children(MlflowClient(), ctx["parent_run_id"])["float32"].data.metrics
+    assert float32["accuracy_delta_pts"] == pytest.approx(0.0, abs=1e-9)
+    assert float32["compression_ratio"] == pytest.approx(1.0)
+
+
+def test_summary_lists_every_variant(dag_run):
+    _, ctx = dag_run
+    summary = (Path(ctx["run_dir"]) / "report" / "summary.md").read_text()
+    for name in ("float32", "dynamic", "int8"):
+        assert f"| {name} " in summary or f"{name}" in summary
