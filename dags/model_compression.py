@@ -8,16 +8,23 @@ through the LiteRT interpreter, choose the best under the accuracy budget and re
 `variant.quantize` -> `variant.evaluate` -> `variant.benchmark` (a mapped task group, one per
 variant) -> `select` -> `register`.
 
+Runs weekly (cron `PIPELINE_SCHEDULE`, default Monday 03:00 UTC, no catch-up), whenever
+`publish_dataset` publishes a new training dataset (the run trains on that dataset), and on demand
+from the trigger form.
+
 A failing variant fails only its own tasks and is recorded, with its error, in its MLflow child
 run; `select` runs whatever happened and reports it. Bad input (a missing dataset, a broken model
 file) fails `train` at once with a message naming the problem, without retries.
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk import (AssetOrTimeSchedule, CronTriggerTimetable, Param, dag,
+                         get_current_context, task, task_group)
 
+from pipeline.assets import TRAINING_DATASET
 from pipeline.config import OBJECTIVES, PipelineConfig
 from pipeline.variants import DEFAULT_VARIANTS, all_variant_names
 
@@ -54,8 +61,18 @@ PARAMS = {
 }
 
 
-def _config_values(params) -> dict:
-    return {name: params.get(name) for name in PARAMS}
+SCHEDULE = AssetOrTimeSchedule(
+    timetable=CronTriggerTimetable(os.environ.get("PIPELINE_SCHEDULE", "0 3 * * 1"), timezone="UTC"),
+    assets=TRAINING_DATASET)
+
+
+def _config_values(context) -> dict:
+    """The trigger form's values; a run started by a dataset event trains on that dataset."""
+    values = {name: context["params"].get(name) for name in PARAMS}
+    events = (context.get("triggering_asset_events") or {}).get(TRAINING_DATASET) or []
+    if events and events[-1].extra.get("dataset"):
+        values["dataset"] = events[-1].extra["dataset"]
+    return values
 
 
 def _input_errors_fail_fast(function, *args):
@@ -71,7 +88,7 @@ def _input_errors_fail_fast(function, *args):
 
 @dag(
     dag_id="model_compression",
-    schedule=None,
+    schedule=SCHEDULE,
     catchup=False,
     max_active_runs=4,
     params=PARAMS,
@@ -84,8 +101,8 @@ def model_compression():
     @task
     def plan() -> list[str]:
         """Validate the trigger form into one config before anything heavy runs: the variants."""
-        params = get_current_context()["params"]
-        return _input_errors_fail_fast(PipelineConfig.from_mapping, _config_values(params)).variants
+        config = _input_errors_fail_fast(PipelineConfig.from_mapping, _config_values(get_current_context()))
+        return config.variants
 
     @task
     def recipes(variants: list[str]) -> list[str]:
@@ -98,8 +115,7 @@ def model_compression():
         from pipeline import stages
         context = get_current_context()
         tags = {"airflow_dag_id": context["dag"].dag_id, "airflow_run_id": context["run_id"]}
-        return _input_errors_fail_fast(stages.train, _config_values(context["params"]),
-                                       context["run_id"], tags)
+        return _input_errors_fail_fast(stages.train, _config_values(context), context["run_id"], tags)
 
     @task(max_active_tis_per_dagrun=1)  # fine-tuning saturates the cores; one at a time per run
     def optimize(ctx: dict, recipe: str) -> dict:

@@ -68,3 +68,27 @@ def test_trigger_form_accepts_valid_values(dagbag):
     params = dagbag.dags["model_compression"].params
     assert params.get_param("variants").resolve(["prune+cluster+qat-int8", "distill-int8"])
     assert params.get_param("epochs").resolve(3) == 3
+
+
+def test_scheduled_weekly_and_on_the_dataset_asset(dagbag):
+    dag = dagbag.dags["model_compression"]
+    assert dag.catchup is False
+    assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
+    assert dag.timetable.timetable.expression == "0 3 * * 1"
+    assert dag.timetable.asset_condition.name == "model_compression/training_dataset"
+
+
+def test_a_dataset_event_sets_the_training_dataset():
+    import importlib.util
+    from types import SimpleNamespace
+
+    from pipeline.assets import TRAINING_DATASET
+    spec = importlib.util.spec_from_file_location("mc", ROOT / "dags" / "model_compression.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params = {"dataset": "fashion-mnist", "epochs": 3}
+    event = SimpleNamespace(extra={"dataset": "/data/new-images"})
+    values = module._config_values({"params": params,
+                                    "triggering_asset_events": {TRAINING_DATASET: [event]}})
+    assert values["dataset"] == "/data/new-images" and values["epochs"] == 3
+    assert module._config_values({"params": params})["dataset"] == "fashion-mnist"
