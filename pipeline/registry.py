@@ -110,7 +110,10 @@ def log_tflite_pyfunc(tflite_path: str | Path, input_example: Any = None, name: 
         # "integer columns cannot represent missing values": `class` is never missing.
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
         signature = infer_signature(example, model.frame(runner.scores(runner.images(example))))
-    with tempfile.TemporaryDirectory() as staging:
+    from pipeline.tracking import explain_artifact_errors  # not needed (nor shipped) for serving
+    active = mlflow.active_run()
+    with tempfile.TemporaryDirectory() as staging, explain_artifact_errors(
+            "pyfunc model", active.info.run_id if active else ""):
         return mlflow.pyfunc.log_model(
             name=name, python_model=model, artifacts={"tflite": str(tflite_path)},
             code_paths=[_stage_serving_code(Path(staging))], signature=signature,

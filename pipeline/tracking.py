@@ -8,7 +8,10 @@ so a retried task never duplicates runs.
 from __future__ import annotations
 
 import os
+import re
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,11 @@ def tracking_uri() -> str:
 
 
 def client():
+    # MLflow's HTTP client retries each request 7 times over ~4 minutes by default; with our own
+    # retry on top and Airflow's task retries above that, an outage would stall a task for many
+    # minutes before anyone hears of it. A few quick retries here, Airflow's backoff for the rest.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     import mlflow
     from mlflow.tracking import MlflowClient
     uri = tracking_uri()
@@ -114,12 +122,19 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
         _retry(lambda: client().log_batch(run_id, tags=items))
 
 
+class ArtifactStoreError(RuntimeError):
+    """An artifact could not be stored; the message says where it failed and what to check."""
+
+
 def log_artifact(run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
-    _retry(lambda: client().log_artifact(run_id, str(local_path), artifact_path))
+    target = "/".join(p for p in (artifact_path, Path(local_path).name) if p)
+    with explain_artifact_errors(target, run_id):
+        _retry(lambda: client().log_artifact(run_id, str(local_path), artifact_path))
 
 
 def log_dict(run_id: str, data: Any, artifact_file: str) -> None:
-    _retry(lambda: client().log_dict(run_id, data, artifact_file))
+    with explain_artifact_errors(artifact_file, run_id):
+        _retry(lambda: client().log_dict(run_id, data, artifact_file))
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
@@ -146,6 +161,79 @@ def run_url(run_id: str) -> str | None:
         return None
     run = client().get_run(run_id)
     return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+class explain_artifact_errors:
+    """Around an artifact upload through a tracking server: an error left after the retries
+    becomes an ArtifactStoreError naming the failing part. The server proxies artifacts to its
+    store (e.g. S3); when that store is down the server answers the upload with HTTP 500 and no
+    detail, or resets the connection, so the server and then its store are checked directly."""
+
+    def __init__(self, artifact: str, run_id: str):
+        self.artifact, self.run_id = artifact, run_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        from mlflow.exceptions import MlflowException
+        from requests.exceptions import RequestException
+
+        uri = tracking_uri()
+        if not isinstance(error, (MlflowException, RequestException)) or not uri.startswith("http"):
+            return False  # no error, a local file problem, or no server in between
+        server = uri.rstrip("/")
+        what = f"could not store artifact {self.artifact} of run {self.run_id}"
+        reason = _failure_reason(str(error))
+        if not _server_healthy(server):
+            message = f"{what}: the tracking server {server} is unreachable ({reason})"
+        elif (store := _artifact_store_failure(server)) is not None:
+            message = (f"{what}: the tracking server {server} is up but its artifact store is "
+                       f"unreachable or failing ({store}; the upload: {reason}): check the store "
+                       "the server proxies artifacts to (e.g. S3 at the server's "
+                       "MLFLOW_S3_ENDPOINT_URL) and the tracking server's log")
+        else:
+            message = f"{what} through the tracking server {server} ({reason})"
+        raise ArtifactStoreError(message) from error
+
+
+def _failure_reason(text: str) -> str:
+    """A few words from MLflow's REST error text, e.g. 'HTTP 500 after retries'."""
+    retried = re.search(r"too many (\d{3}) error responses", text)
+    if retried:
+        return f"HTTP {retried.group(1)} after retries"
+    status = re.search(r"\b([45]\d\d) (?:Client|Server) Error", text)
+    if status:
+        return f"HTTP {status.group(1)}"
+    for needle, reason in (("Connection refused", "connection refused"),
+                           ("Connection reset", "connection reset by the server"),
+                           ("Connection aborted", "connection aborted"),
+                           ("timed out", "timed out")):
+        if needle in text:
+            return reason
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else "no detail")[:300]
+
+
+def _server_healthy(server: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{server}/health", timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _artifact_store_failure(server: str) -> str | None:
+    """How listing the top of the server's artifact store fails ('listing it answers HTTP 500'),
+    or None when it works or the answer says nothing about the store (e.g. 401, 403)."""
+    try:
+        with urllib.request.urlopen(f"{server}/api/2.0/mlflow-artifacts/artifacts",
+                                    timeout=15) as response:
+            return None if response.status == 200 else f"listing it answers HTTP {response.status}"
+    except urllib.error.HTTPError as answer:
+        return f"listing it answers HTTP {answer.code}" if answer.code >= 500 else None
+    except (urllib.error.URLError, OSError) as failure:
+        return f"listing it failed: {getattr(failure, 'reason', failure)}"
 
 
 def _quote(value: str) -> str:

@@ -1,0 +1,336 @@
+"""S3-backed artifacts end to end, with real processes on loopback: `moto_server` (S3), `mlflow
+server` proxying artifacts to s3://BUCKET/artifacts on it (the S3 credentials in the server's
+environment only), and `python -m pipeline run` as a client with no AWS_* variable at all. Then
+an S3 outage: uploads fail with a message naming the artifact store, and nothing is registered.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import boto3
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import s3
+from pipeline.errors import PipelineInputError
+from tests.servers import (MOTO_ACCESS_KEY_ID, MOTO_SECRET_ACCESS_KEY, free_port,
+                           moto_credentials_env, moto_s3, running_mlflow_server,  # noqa: F401
+                           running_moto_s3)
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "pipeline-artifacts"
+EXPERIMENT = "s3-artifacts"
+MODEL_NAME = "s3-test-classifier"
+VARIANTS = ("float32", "dynamic")
+TINY = ["--epochs", "1", "--train-limit", "600", "--test-limit", "200",
+        "--variants", ",".join(VARIANTS), "--set", "latency_runs=20", "--set", "finetune_epochs=1",
+        "--experiment", EXPERIMENT, "--registered-model-name", MODEL_NAME]
+SECRETS = (MOTO_SECRET_ACCESS_KEY, MOTO_ACCESS_KEY_ID)
+# During the outage: MLflow's client retries a failed request 7 times with exponential backoff
+# (about 4 minutes per request). Fewer, immediate retries keep the test short; some retrying is
+# needed: after a 500 to an upload the server may reset the kept-alive connection, and the next
+# request on it fails unless retried.
+FAST_MLFLOW_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}
+
+
+def client_env(tracking_url: str, **extra: str) -> dict[str, str]:
+    """A pipeline client's environment: the tracking server, and no S3 settings at all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3_"))}
+    env.update(MLFLOW_TRACKING_URI=tracking_url, **extra)
+    assert not [k for k in env if k.startswith("AWS_")]
+    return env
+
+
+def s3_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.s3", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def run_pipeline(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "run", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """moto_server with the bucket (made by the CLI, as `make up` does) and an MLflow server
+    proxying artifacts to it."""
+    root = tmp_path_factory.mktemp("s3-stack")
+    with running_moto_s3(root) as (s3_url, moto):
+        operator_env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+                        **moto_credentials_env(s3_url)}
+        first_ensure = s3_cli("ensure-bucket", f"s3://{BUCKET}/artifacts", env=operator_env)
+        assert first_ensure.returncode == 0, first_ensure.stderr
+        with running_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", f"s3://{BUCKET}/artifacts",
+                                   moto_credentials_env(s3_url), root) as (tracking_url, server):
+            yield SimpleNamespace(
+                root=root, s3_url=s3_url, moto=moto, tracking_url=tracking_url, server=server,
+                operator_env=operator_env, first_ensure=first_ensure,
+                mlflow=MlflowClient(tracking_url),
+                bucket=boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1",
+                                    aws_access_key_id=MOTO_ACCESS_KEY_ID,
+                                    aws_secret_access_key=MOTO_SECRET_ACCESS_KEY))
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(stack):
+    """One tiny pipeline run through the tracking server: its output, work dir, and runs."""
+    work_dir = stack.root / "work"
+    started = time.perf_counter()
+    result = run_pipeline(*TINY, env=client_env(stack.tracking_url,
+                                                PIPELINE_WORK_DIR=str(work_dir)))
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-4000:]
+    experiment = stack.mlflow.get_experiment_by_name(EXPERIMENT)
+    runs = stack.mlflow.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("run_role") == "parent")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    (run_dir,) = [p for p in work_dir.iterdir() if p.is_dir()]
+    return SimpleNamespace(result=result, seconds=seconds, work_dir=work_dir, run_dir=run_dir,
+                           parent=parent, children=children, runs=runs)
+
+
+@pytest.fixture(scope="module")
+def s3_down(stack, pipeline_run):
+    """The S3 endpoint stops (after the healthy run); the tracking server stays up."""
+    stack.moto.stop()
+    return stack
+
+
+def bucket_keys(stack) -> set[str]:
+    keys, token = set(), None
+    while True:
+        page = stack.bucket.list_objects_v2(Bucket=BUCKET, **({"ContinuationToken": token}
+                                                             if token else {}))
+        keys.update(item["Key"] for item in page.get("Contents", []))
+        token = page.get("NextContinuationToken")
+        if not token:
+            return keys
+
+
+def s3_key(artifact_uri: str, path: str) -> str:
+    """The object key behind a proxied artifact URI (mlflow-artifacts:/1/<run>/artifacts)."""
+    assert artifact_uri.startswith("mlflow-artifacts:/"), artifact_uri
+    return "/".join(["artifacts", artifact_uri.split(":", 1)[1].strip("/"), path])
+
+
+def versions(stack, name: str) -> list:
+    return stack.mlflow.search_model_versions(f"name = '{name}'")
+
+
+# ------------------------------------------------------------------------------ the bucket
+def test_ensure_bucket_is_idempotent_through_the_cli(stack):
+    assert stack.first_ensure.stdout.strip() == (
+        f"bucket {BUCKET} at {stack.s3_url}: created")
+    for target in (f"s3://{BUCKET}/artifacts", BUCKET):
+        again = s3_cli("ensure-bucket", target, env=stack.operator_env)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == f"bucket {BUCKET} at {stack.s3_url}: already exists"
+    described = json.loads(s3_cli("describe", env=stack.operator_env).stdout)
+    assert described == {"endpoint_url": stack.s3_url, "endpoint_source": "MLFLOW_S3_ENDPOINT_URL",
+                         "region": "us-east-1", "credentials": "env", "verify_tls": True,
+                         "addressing_style": "auto"}
+
+
+def test_ensure_bucket_with_an_airflow_connection_and_a_concurrent_create(moto_s3, monkeypatch):
+    """Credentials from an Airflow connection; a bucket created by someone else between the
+    existence check and the create (BucketAlreadyOwnedByYou, outside us-east-1) is fine."""
+    for name in [k for k in os.environ if k.startswith(("AWS_", "MLFLOW_S3_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AIRFLOW_CONN_S3_ARTIFACTS", json.dumps({
+        "conn_type": "aws", "login": MOTO_ACCESS_KEY_ID, "password": MOTO_SECRET_ACCESS_KEY,
+        "extra": {"endpoint_url": moto_s3, "region_name": "eu-west-1"}}))
+    first = s3.ensure_bucket("s3://eu-bucket/prefix", aws_conn_id="s3_artifacts")
+    assert first == {"bucket": "eu-bucket", "prefix": "prefix", "endpoint_url": moto_s3,
+                     "created": True}
+    assert s3.describe_endpoint(aws_conn_id="s3_artifacts")["credentials"] == (
+        "airflow connection s3_artifacts")
+    monkeypatch.setattr(s3, "_bucket_exists", lambda client, bucket: False)
+    assert s3.ensure_bucket("eu-bucket", aws_conn_id="s3_artifacts")["created"] is False
+    with pytest.raises(PipelineInputError, match="Airflow connection 'missing' not found"):
+        s3.ensure_bucket("eu-bucket", aws_conn_id="missing")
+
+
+def test_an_unreachable_endpoint_is_named(monkeypatch):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unused-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unused-secret")
+    expected = (f"S3 endpoint {endpoint} is unreachable (connection refused): start it or fix "
+                "MLFLOW_S3_ENDPOINT_URL")
+    with pytest.raises(s3.S3EndpointUnreachable) as raised:
+        s3.ensure_bucket(f"s3://{BUCKET}/artifacts")
+    assert str(raised.value) == expected
+    started = time.monotonic()
+    with pytest.raises(s3.S3EndpointUnreachable):
+        s3.ensure_bucket(BUCKET, wait=2)
+    assert time.monotonic() - started >= 2
+    cli = s3_cli("ensure-bucket", f"s3://{BUCKET}", env=os.environ.copy())
+    assert (cli.returncode, cli.stdout, cli.stderr) == (1, "", f"error: {expected}\n")
+    bad = s3_cli("ensure-bucket", "s3://Not_A_Bucket", env=os.environ.copy())
+    assert bad.returncode == 2 and bad.stderr.startswith("error: invalid S3 bucket name")
+
+
+# ----------------------------------------------------------------------- the healthy run
+def test_pipeline_artifacts_land_in_s3_through_the_server(stack, pipeline_run, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    assert sorted(r.data.tags["variant"] for r in pipeline_run.children) == sorted(VARIANTS)
+    for run in pipeline_run.runs:  # proxied: clients never address S3 themselves
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri
+    keys = bucket_keys(stack)
+    models = [s3_key(run.info.artifact_uri, "model/model.tflite") for run in pipeline_run.children]
+    reports = [s3_key(pipeline_run.parent.info.artifact_uri, f"report/{name}")
+               for name in ("summary.md", "pareto.png")]
+    assert set(models + reports) <= keys, sorted(keys)
+    assert all(key.startswith("artifacts/") for key in keys)
+
+    # The registered champion's files are in S3 too (MLflow 3 logged model: MLmodel, tflite).
+    (found,) = versions(stack, MODEL_NAME)
+    version = stack.mlflow.get_model_version(MODEL_NAME, found.version)
+    assert "champion" in version.aliases
+    logged = stack.mlflow.get_logged_model(version.model_id or version.source.split("/")[-1])
+    assert s3_key(logged.artifact_location, "MLmodel") in keys
+    assert any(k.startswith(s3_key(logged.artifact_location, "artifacts/"))
+               and k.endswith(".tflite") for k in keys)
+
+    local = tmp_path / "model.tflite"
+    stack.bucket.download_file(BUCKET, models[0], str(local))
+    interpreter = Interpreter(model_path=str(local))
+    interpreter.allocate_tensors()
+    (given,), (output,) = interpreter.get_input_details(), interpreter.get_output_details()
+    interpreter.set_tensor(given["index"], np.zeros(given["shape"], given["dtype"]))
+    interpreter.invoke()
+    scores = interpreter.get_tensor(output["index"])
+    assert scores.shape == (1, 10) and np.isfinite(scores).all()
+
+
+def test_the_champion_loads_and_predicts_through_the_server(stack, pipeline_run):
+    script = (
+        "import json, numpy as np, mlflow\n"
+        f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}@champion')\n"
+        "frame = model.predict(np.zeros((5, 784), np.float32))\n"
+        "print(json.dumps({'rows': len(frame), 'classes': frame['class'].tolist(),\n"
+        "                  'columns': list(frame.columns)}))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=client_env(stack.tracking_url), cwd=stack.root, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["rows"] == 5 and all(0 <= c < 10 for c in answer["classes"])
+    assert answer["columns"][:2] == ["class", "label"] and "score_9" in answer["columns"]
+
+
+def test_no_credential_reaches_the_pipeline_or_what_it_wrote(stack, pipeline_run):
+    output = pipeline_run.result.stdout + pipeline_run.result.stderr
+    texts = {"pipeline stdout/stderr": output}
+    for run in pipeline_run.runs:
+        texts[f"params/tags of run {run.info.run_id}"] = json.dumps(
+            [run.data.params, run.data.tags])
+    for version in versions(stack, MODEL_NAME):
+        texts[f"model version {version.version}"] = json.dumps(version.tags)
+    files = [p for p in pipeline_run.work_dir.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        texts[str(path)] = path.read_bytes().decode("latin-1")
+    for key in bucket_keys(stack):
+        texts[f"s3://{BUCKET}/{key}"] = stack.bucket.get_object(
+            Bucket=BUCKET, Key=key)["Body"].read().decode("latin-1")
+    leaks = [(where, secret) for where, text in texts.items() for secret in SECRETS
+             if secret in text]
+    assert not leaks
+    # ...while the server did hold them (the test would be vacuous otherwise).
+    server_env = (Path("/proc") / str(stack.server.popen.pid) / "environ").read_bytes()
+    assert MOTO_SECRET_ACCESS_KEY.encode() in server_env
+
+
+# ---------------------------------------------------------------------------- the outage
+def test_an_upload_during_an_s3_outage_names_the_artifact_store(s3_down, pipeline_run,
+                                                                 monkeypatch, tmp_path):
+    import mlflow
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_down.tracking_url)
+    for name, value in FAST_MLFLOW_RETRIES.items():
+        monkeypatch.setenv(name, value)
+    note = tmp_path / "note.txt"
+    note.write_text("written during the outage")
+    previous_uri = mlflow.get_tracking_uri()
+    try:
+        with pytest.raises(tracking.ArtifactStoreError) as raised:
+            tracking.log_artifact(pipeline_run.parent.info.run_id, note, "outage")
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    message = str(raised.value)
+    assert message.startswith(f"could not store artifact outage/note.txt of run "
+                              f"{pipeline_run.parent.info.run_id}: the tracking server "
+                              f"{s3_down.tracking_url} is up but its artifact store is "
+                              "unreachable or failing (listing it answers HTTP 500; the upload: ")
+    assert "MLFLOW_S3_ENDPOINT_URL" in message
+    # The server knows which endpoint: its log names it.
+    assert f"Could not connect to the endpoint URL: \"{s3_down.s3_url}/{BUCKET}/" in (
+        s3_down.server.log_tail(200_000))
+
+
+def test_a_failed_model_upload_registers_nothing(s3_down, pipeline_run, monkeypatch):
+    """register logs the pyfunc model (its files) before it creates the version: when the upload
+    fails, neither the registered model nor a version exists."""
+    import mlflow
+
+    from pipeline import stages
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_down.tracking_url)
+    for name, value in FAST_MLFLOW_RETRIES.items():
+        monkeypatch.setenv(name, value)
+    ctx = json.loads((pipeline_run.run_dir / "context.json").read_text())
+    ctx["config"]["registered_model_name"] = "s3-outage-classifier"
+    selected = json.loads((pipeline_run.run_dir / "select.json").read_text())
+    before = [v.version for v in versions(s3_down, MODEL_NAME)]
+    previous_uri = mlflow.get_tracking_uri()
+    try:
+        with pytest.raises(Exception, match="/mlflow-artifacts/artifacts/"):  # the upload
+            stages.register(ctx, selected)
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    assert s3_down.mlflow.search_registered_models("name = 's3-outage-classifier'") == []
+    assert [v.version for v in versions(s3_down, MODEL_NAME)] == before
+    # What is left is MLflow's own record of the attempt: a logged model marked FAILED.
+    experiment_id = pipeline_run.parent.info.experiment_id
+    failed = [m for m in s3_down.mlflow.search_logged_models([experiment_id])
+              if str(m.status) == "FAILED"]
+    champion = selected["selection"]["champion"]
+    champion_run = next(r for r in pipeline_run.children if r.data.tags["variant"] == champion)
+    assert [m.source_run_id for m in failed] == [champion_run.info.run_id]
+
+
+def test_a_pipeline_run_during_an_s3_outage_fails_and_registers_nothing(s3_down, pipeline_run):
+    before = [v.version for v in versions(s3_down, MODEL_NAME)]
+    baseline = pipeline_run.run_dir / "baseline.keras"
+    env = client_env(s3_down.tracking_url, PIPELINE_WORK_DIR=str(s3_down.root / "outage-work"),
+                     **FAST_MLFLOW_RETRIES)
+    result = run_pipeline(*TINY, "--model", str(baseline), "--variants", "float32", env=env)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("pipeline.tracking.ArtifactStoreError: could not store artifact "
+                                "report/summary.md"), last_line
+    assert (f"tracking server {s3_down.tracking_url} is up but its artifact store is "
+            "unreachable or failing" in last_line)
+    assert [v.version for v in versions(s3_down, MODEL_NAME)] == before
+    experiment = s3_down.mlflow.get_experiment_by_name(EXPERIMENT)
+    failed = [r for r in s3_down.mlflow.search_runs([experiment.experiment_id])
+              if r.data.tags.get("run_role") == "variant"
+              and r.info.run_id not in {c.info.run_id for c in pipeline_run.children}]
+    assert [r.data.tags["variant"] for r in failed] == ["float32"]
+    for run in failed:
+        assert run.info.status == "FAILED"
+        assert "its artifact store is unreachable or failing" in run.data.tags["error"]
+    assert not any(secret in result.stdout + result.stderr for secret in SECRETS)
