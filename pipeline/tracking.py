@@ -53,8 +53,10 @@ def experiment_id(name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if tracking_uri().startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (LOCAL_STORE / "artifacts").as_uri()
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        # Beside the database, not MLflow's default ./mlruns in whatever the working directory is.
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
     try:
         return mlflow_client.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another task: use theirs
