@@ -31,11 +31,11 @@ class PipelineConfig:
     seed: int = 42
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     # Training-time techniques
-    finetune_epochs: int = 3               # pruning, clustering, QAT fine-tuning
+    finetune_epochs: int = 2               # pruning, clustering, QAT fine-tuning
     prune_sparsity: float = 0.8
     prune_structured: bool = False         # 2:4 structured sparsity instead of unstructured
     cluster_count: int = 16
-    distill_epochs: int = 12
+    distill_epochs: int = 8
     distill_temperature: float = 4.0
     distill_alpha: float = 0.1             # weight of the hard-label loss; 1 - alpha on soft targets
     student_width: float = 0.5             # student filters = teacher filters * width

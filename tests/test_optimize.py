@@ -13,8 +13,8 @@ from pipeline.data import load_dataset
 from pipeline.errors import PipelineInputError
 from pipeline.models import build_cnn, count_macs, load_model, predict_classes, tf_keras
 from pipeline.optimize import (TECHNIQUES, TechniqueError, apply_recipe, clustering, distillation,
-                               kernel_stats, load_optimized, parse_recipe, pruning,
-                               save_optimized)
+                               fuse_layers, kernel_stats, load_optimized, parse_recipe,
+                               pruning, save_optimized)
 from pipeline.train import compile_classifier, fit, set_seed
 from pipeline.variants import OPTIMIZATION_ORDER
 
@@ -98,7 +98,8 @@ def litert_predictions(tflite: bytes, x: np.ndarray) -> np.ndarray:
 
 def test_registry_covers_the_optimization_order_and_recipes_are_ordered():
     assert set(TECHNIQUES) == set(OPTIMIZATION_ORDER)
-    assert all(module.NAME == name and callable(module.apply) for name, module in TECHNIQUES.items())
+    for name, module in TECHNIQUES.items():
+        assert module.NAME == name and callable(module.apply)
     assert parse_recipe("qat+cluster+prune") == ("prune", "cluster", "qat")
     assert parse_recipe("distill+qat") == ("distill", "qat")
     with pytest.raises(TechniqueError, match="unknown technique 'quantize'"):
@@ -121,13 +122,29 @@ def test_prune_reaches_the_target_sparsity(base_path, dataset, config, tmp_path)
         else:
             assert sparsity == 0.0, (name, sparsity)
     assert abs(result["sparsity"] - TARGET_SPARSITY) <= 0.02
-    assert result["macs"] == count_macs(base) and result["params"] == base.count_params()
+    assert result["macs"] == count_macs(base)
+    assert result["params"] == model.count_params() == fuse_layers(base).count_params()
 
     saved = np.load(result["keras_predictions_path"])
     assert saved.shape == dataset.y_test.shape
     assert np.array_equal(saved, predict_classes(model, dataset.x_test))  # the saved model
     assert result["keras_test_accuracy"] == pytest.approx(float(np.mean(saved == dataset.y_test)))
     assert 0.0 <= result["val_accuracy"] <= 1.0
+
+
+def test_fuse_layers_folds_dense_batchnorm_and_relu_exactly(base_path, dataset):
+    base = load_model(base_path)
+    fused = fuse_layers(base)
+    names = [layer.name for layer in fused.layers]
+    # dense -> batch_normalization_2 -> re_lu_2 became one Dense with a bias and a ReLU.
+    assert "batch_normalization_2" not in names and "re_lu_2" not in names
+    assert fused.get_layer("dense").use_bias
+    assert fused.get_layer("dense").activation.__name__ == "relu"
+    # conv -> BatchNorm -> ReLU is left to TF-MOT, which handles it.
+    assert {"batch_normalization", "re_lu", "batch_normalization_1", "re_lu_1"} <= set(names)
+    np.testing.assert_allclose(fused.predict(dataset.x_test, verbose=0),
+                               base.predict(dataset.x_test, verbose=0), rtol=1e-4, atol=1e-4)
+    assert fuse_layers(fused) is fused  # nothing left to fuse
 
 
 def test_structured_pruning_leaves_two_zeros_in_every_group_of_four(base_path, dataset, config):
@@ -162,11 +179,13 @@ def test_qat_model_round_trips_and_converts_to_int8_kernels(base_path, dataset, 
     assert any(type(layer).__name__ == "QuantizeWrapperV2" for layer in model.layers)
     keras_classes = np.load(result["keras_predictions_path"])
     assert np.array_equal(predict_classes(model, dataset.x_test), keras_classes)
-    assert result["params"] == load_model(base_path).count_params()  # QAT variables not counted
+    # QAT's own variables are not counted.
+    assert result["params"] == fuse_layers(load_model(base_path)).count_params()
 
     # Saving over an existing SavedModel directory replaces it and leaves no temporary files.
     assert save_optimized(model, tmp_path / "qat") == result["model_path"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.savedmodel", "qat.test-predictions.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.savedmodel",
+                                                          "qat.test-predictions.npy"]
 
     tflite = convert_int8(model, dataset)
     weights = litert_weights(tflite)
@@ -202,7 +221,8 @@ def test_a_softmax_teacher_contributes_log_probabilities(base_path, dataset):
     np.testing.assert_allclose(from_probabilities, np.maximum(log_softmax, np.log(1e-7)), atol=1e-4)
 
 
-def test_prune_cluster_qat_keeps_sparsity_and_clusters_in_int8(base_path, dataset, config, tmp_path):
+def test_prune_cluster_qat_keeps_sparsity_and_clusters_in_int8(base_path, dataset, config,
+                                                               tmp_path):
     result = apply_recipe("prune+cluster+qat", base_path, dataset, config, tmp_path)
     assert result["recipe"] == "prune+cluster+qat"
     assert result["sparsity"] >= 0.9 * TARGET_SPARSITY

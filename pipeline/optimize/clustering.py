@@ -4,7 +4,7 @@ stripped. After pruning, clustering preserves sparsity (zeros stay zeros and one
 
 Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT clusters) holding more
 weights than there are clusters; other layers (and layers inside nested models) are left as they
-are.
+are. Clustering works on `optimize.fuse_layers(model)` (see there why).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
 
     clustering = tfmot.clustering.keras
     keras = tf_keras()
+    model = optimize.fuse_layers(model)
     targets = {layer.name for layer in optimize.tfmot_kernel_layers(model)
                if layer.kernel.shape.num_elements() > config.cluster_count}
     if not targets:

@@ -2,13 +2,15 @@
 about a quarter of the default CNN's multiply-adds at width 0.5) on the teacher's
 temperature-softened outputs plus the hard labels.
 
-loss = alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
+    loss = alpha * CE(labels, student)
+           + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 The teacher's logits are computed once on the training and validation images and fed to Keras as
 a second target column, so training is a plain `fit` (no custom train_step) and the teacher is not
 run again every epoch. A teacher with a softmax output contributes its log-probabilities, which
 are logits up to a constant (softmax ignores the constant). Returns a plain, uncompiled tf_keras
-Sequential student with a logits output.
+Sequential student with a logits output; refuses (TechniqueError) a student that would not have
+fewer multiply-adds than the teacher.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
         teacher_log_p = tf.nn.log_softmax(target[:, 1:] / temperature)
         student_log_p = tf.nn.log_softmax(student_logits / temperature)
         soft = tf.reduce_sum(tf.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
-        hard = keras.losses.sparse_categorical_crossentropy(labels, student_logits, from_logits=True)
+        hard = keras.losses.sparse_categorical_crossentropy(labels, student_logits,
+                                                            from_logits=True)
         return alpha * hard + (1.0 - alpha) * temperature ** 2 * soft
 
     def accuracy(target, student_logits):

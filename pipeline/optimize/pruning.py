@@ -12,7 +12,8 @@ Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT prunes), 
    pixels through few channels, so pruning it saves almost nothing and costs the most accuracy
    (TF-MOT's guide: prune later layers first). The model's sparsity stays within 1% of target.
  - for 2:4, layers whose input-channel count is not a multiple of 4 (no whole groups of four).
-Other layers (and layers inside nested models) are left as they are.
+Other layers (and layers inside nested models) are left as they are. Pruning works on
+`optimize.fuse_layers(model)` (Dense+BatchNorm and conv/dense+ReLU fused; see there why).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
 
     sparsity = tfmot.sparsity.keras
     keras = tf_keras()
+    model = optimize.fuse_layers(model)
     targets = layers_to_prune(model, structured=config.prune_structured)
     if not targets:
         raise optimize.TechniqueError(

@@ -1,9 +1,11 @@
 """Quantization-aware training (TF-MOT): fine-tune with int8 fake-quantization so the int8
-TFLite conversion loses little accuracy. Returns the quantize-wrapped model, which the converter
-needs (with optimizations DEFAULT) to produce int8 kernels.
+TFLite conversion loses little accuracy. Returns the quantize-wrapped model: convert it with
+optimizations DEFAULT, a representative dataset and int8 builtins to get int8 kernels.
 
 After pruning and/or clustering, collaborative optimization keeps their work through QAT:
 prune-preserving (PQAT), cluster-preserving (CQAT) or both (PCQAT) quantization schemes.
+QAT works on `optimize.fuse_layers(model)`: without it, Dense+BatchNorm pairs convert to a broken
+int8 model and kernels followed by a ReLU layer get no weight quantizer (see there).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     import tensorflow_model_optimization as tfmot
 
     quantization = tfmot.quantization.keras
+    model = optimize.fuse_layers(model)
     from_logits = not optimize.outputs_probabilities(model)  # before wrapping hides the activation
     with optimize.tfmot_errors(NAME):
         annotated = quantization.quantize_annotate_model(model)
