@@ -24,6 +24,7 @@ help:
 	@echo "make test       the test suite"
 	@echo "make cli        the same pipeline without Airflow (python -m pipeline run)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 for the local store"
+	@echo "make up         MLflow server + Airflow on 127.0.0.1 (:5000, :8080); make status / make down"
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,3 +67,15 @@ mlflow-ui: install
 
 clean:
 	rm -rf .work .airflow/logs
+
+# The local service stack on 127.0.0.1: MLflow server (port MLFLOW_PORT, default 5000) and
+# Airflow (AIRFLOW_PORT, default 8080); logs and PID files in .stack/ (scripts/stack.py).
+.PHONY: up down status
+up: install dataset
+	$(PY) scripts/stack.py up
+
+down:
+	@if [ -x $(PY) ]; then $(PY) scripts/stack.py down; else echo "nothing to stop (no $(VENV))"; fi
+
+status:
+	@if [ -x $(PY) ]; then $(PY) scripts/stack.py status; else echo "the stack is not installed (no $(VENV)): make up"; fi

@@ -1,0 +1,109 @@
+"""The user's path through a real browser (headless Chromium, driven by Playwright): log in to
+the Airflow UI, open `model_compression`'s trigger form, set a small configuration in its
+fields, trigger, wait for success, then open the run in the MLflow UI.
+
+Screenshots of every step go to test-artifacts/browser/. The browser is Debian's chromium
+(installed with apt-get when missing, see conftest_stack.ensure_chromium); Playwright never
+downloads one. The stack is shared with test_stack.py (see conftest_stack.py).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest_stack import DAG_ID, ROOT, ensure_chromium, stack  # noqa: F401
+
+SHOTS = ROOT / "test-artifacts" / "browser"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# What the form's fields are set to (the rest keep the DAG's defaults).
+FORM = {"epochs": "1", "train_limit": "600", "test_limit": "200", "variants": "float32",
+        "finetune_epochs": "1", "experiment": "stack-browser"}
+
+
+@pytest.fixture(scope="module")
+def page():
+    executable = ensure_chromium()
+    from playwright.sync_api import sync_playwright
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SHOTS.glob("*.png"):
+        old.unlink()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(90_000)  # a shared 2-core machine renders slowly at times
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def shot(page, name: str) -> Path:
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def test_trigger_from_the_airflow_ui_and_see_the_run_in_mlflow(stack, page):
+    stack.wait_for_dag()  # the dag-processor has parsed dags/
+    if stack.request("GET", f"/api/v2/dags/{DAG_ID}")[1]["is_paused"]:
+        stack.unpause()
+    runs_before = {r["dag_run_id"] for r in stack.dag_runs()}
+
+    # A visit without a session lands on the login page.
+    page.goto(f"{stack.airflow_url}/dags/{DAG_ID}")
+    page.wait_for_url(re.compile(r"/auth/login"))
+    page.locator("input[name=username]").wait_for()
+    shot(page, "01-login")
+    page.locator("input[name=username]").fill("admin")
+    page.locator("input[name=password]").fill(stack.password)
+    page.locator("button[type=submit]").click()
+    page.wait_for_url(re.compile(rf"/dags/{DAG_ID}$"))
+    trigger = page.get_by_role("button", name="Trigger").first
+    trigger.wait_for()
+    shot(page, "02-dag-page")
+
+    # The trigger form: the DAG's Params as fields.
+    trigger.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text(f"Trigger Dag - {DAG_ID}").wait_for()
+    shot(page, "03-trigger-form")
+    for name, value in FORM.items():
+        field = dialog.locator(f"[name=element_{name}]")
+        field.fill(value)
+        field.press("Tab")  # number fields commit their value on blur
+    for name, value in FORM.items():
+        assert dialog.locator(f"[name=element_{name}]").input_value() == value, name
+    dialog.locator("[name=element_epochs]").scroll_into_view_if_needed()
+    shot(page, "04-form-filled")
+    dialog.get_by_role("button", name="Trigger").last.click()
+    dialog.wait_for(state="hidden")
+    shot(page, "05-triggered")
+
+    new_runs = [r for r in stack.dag_runs() if r["dag_run_id"] not in runs_before]
+    assert len(new_runs) == 1, f"expected one new DAG run, got {new_runs}"
+    run = new_runs[0]
+    conf = run["conf"]
+    assert conf["epochs"] == 1 and conf["train_limit"] == 600 and conf["test_limit"] == 200
+    assert conf["variants"] == ["float32"] and conf["experiment"] == "stack-browser"
+    assert conf["finetune_epochs"] == 1
+
+    run_id = run["dag_run_id"]
+    stack.wait_for_run(run_id)
+    page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
+    page.get_by_text(run_id).first.wait_for()
+    page.get_by_text(re.compile(r"^success$", re.IGNORECASE)).first.wait_for()
+    shot(page, "06-run-succeeded")
+
+    # The run in the MLflow UI: its name and a metric the pipeline logged.
+    parent = stack.parent_run("stack-browser", run_id)
+    assert parent.data.tags.get("airflow_run_id") == run_id
+    page.goto(f"{stack.mlflow_url}/#/experiments/{parent.info.experiment_id}"
+              f"/runs/{parent.info.run_id}")
+    page.get_by_text(parent.info.run_name).first.wait_for()
+    metric = next(iter(sorted(parent.data.metrics)))
+    page.get_by_text(metric).first.wait_for()
+    shot(page, "07-mlflow-run")
+    assert page.title()
