@@ -61,8 +61,13 @@ PARAMS = {
 }
 
 
+# The first retry waits this long (then exponential backoff); tests lower it.
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("PIPELINE_RETRY_DELAY_SECONDS", "15")))
+
 SCHEDULE = AssetOrTimeSchedule(
-    timetable=CronTriggerTimetable(os.environ.get("PIPELINE_SCHEDULE", "0 3 * * 1"), timezone="UTC"),
+    # run_immediately=0: unpausing on a Monday must not start a full run for this week's slot.
+    timetable=CronTriggerTimetable(os.environ.get("PIPELINE_SCHEDULE", "0 3 * * 1"), timezone="UTC",
+                                   run_immediately=timedelta(0)),
     assets=TRAINING_DATASET)
 
 
@@ -75,15 +80,26 @@ def _config_values(context) -> dict:
     return values
 
 
-def _input_errors_fail_fast(function, *args):
-    """Bad input cannot be fixed by retrying: fail the task at once with the clear message."""
+def _input_errors_fail_fast(function, *args, permanent: tuple[type[Exception], ...] = ()):
+    """Bad input (and the errors in `permanent`) cannot be fixed by retrying: fail the task at
+    once with the clear message."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from pipeline.errors import PipelineInputError
     try:
         return function(*args)
-    except PipelineInputError as error:
+    except (PipelineInputError, *permanent) as error:
         raise AirflowFailException(str(error)) from None
+
+
+def _require_context(ctx: dict | None) -> dict:
+    """Tasks that run whatever happened upstream (trigger rule all_done) get no context when
+    `train` failed: fail at once (retrying cannot bring it), which also fails the DAG run."""
+    from airflow.sdk.exceptions import AirflowFailException
+    if ctx is None:
+        raise AirflowFailException("train did not finish, so there is nothing to do here: see "
+                                   "the train task's log")
+    return ctx
 
 
 @dag(
@@ -93,7 +109,7 @@ def _input_errors_fail_fast(function, *args):
     max_active_runs=4,
     params=PARAMS,
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=15),
+    default_args={"retries": 2, "retry_delay": RETRY_DELAY,
                   "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=5)},
     tags=["compression", "mlflow", "litert"],
 )
@@ -120,12 +136,14 @@ def model_compression():
     @task(max_active_tis_per_dagrun=1)  # fine-tuning saturates the cores; one at a time per run
     def optimize(ctx: dict, recipe: str) -> dict:
         from pipeline import stages
-        return _input_errors_fail_fast(stages.optimize, ctx, recipe)
+        from pipeline.optimize import TechniqueError  # the model has a layer it cannot handle
+        return _input_errors_fail_fast(stages.optimize, ctx, recipe, permanent=(TechniqueError,))
 
     @task(trigger_rule="all_done")  # runs when an optimization failed: it records why
-    def quantize(ctx: dict, variant: str) -> dict:
+    def quantize(ctx: dict | None, variant: str) -> dict:
         from pipeline import stages
-        return stages.quantize(ctx, variant)
+        return _input_errors_fail_fast(stages.quantize, _require_context(ctx), variant,
+                                       permanent=(stages.VariantFailed,))  # its optimization failed
 
     @task
     def evaluate(ctx: dict, quantized: dict) -> dict:
@@ -144,9 +162,9 @@ def model_compression():
         return benchmark(ctx, evaluate(ctx, quantized))
 
     @task(trigger_rule="all_done")  # report whatever the variants did
-    def select(ctx: dict) -> dict:
+    def select(ctx: dict | None) -> dict:
         from pipeline import stages
-        return stages.select(ctx)
+        return stages.select(_require_context(ctx))
 
     @task
     def register(ctx: dict, selection: dict) -> dict:

@@ -305,9 +305,14 @@ def _one_line(error: BaseException) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write, then rename: a crash never leaves a half-written file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -330,7 +335,7 @@ def select(ctx: dict) -> dict[str, Any]:
     report_dir = Path(ctx["run_dir"]) / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     markdown = summary_markdown(results, selection)
-    (report_dir / "summary.md").write_text(markdown)
+    _write_text(report_dir / "summary.md", markdown)
     ok = [r for r in results if r.get("status") == "ok"]
     if ok:
         pareto_plot(results, selection, report_dir / "pareto.png")

@@ -30,6 +30,10 @@ QUICK = {"epochs": 1, "train_limit": 1200, "test_limit": 500, "finetune_epochs":
          "distill_epochs": 1, "latency_runs": 20, "latency_warmup": 3, "calibration_samples": 64}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes minutes; deselect with -m 'not slow'")
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """A migrated Airflow metadata DB (SQLite) for this test session."""
