@@ -18,7 +18,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Extra options for `make run`, e.g. make run ARGS="--train-limit 5000 --variants float32,int8"
 ARGS ?=
 
-.PHONY: help install dataset airflow-db run cli test mlflow-ui clean
+.PHONY: help install dataset airflow-db run cli test test-slow mlflow-ui clean
 help:
 	@echo "make run        the whole DAG end to end through Airflow (embedded SQLite, local MLflow)"
 	@echo "make test       the test suite"
@@ -60,7 +60,12 @@ cli: install dataset
 	$(PY) -m pipeline run $(ARGS)
 
 test: $(VENV)/.installed-test dataset
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+# The load test (4 concurrent DAG runs on the local stack; ~10 min on 2 cores) and anything else
+# marked slow.
+test-slow: $(VENV)/.installed-test dataset
+	$(PY) -m pytest -q -m slow tests
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --host 127.0.0.1 --port 5000
