@@ -4,6 +4,14 @@ Latency and memory are measured in a fresh Python subprocess (`python -m pipelin
 MODEL.tflite`), the way LiteRT's benchmark tool reports a footprint: the memory figure is the peak
 resident-set growth caused by loading the model, allocating its tensors and running it, so no
 earlier allocation in the pipeline's own process pollutes it.
+
+The runtime is LiteRT's CompiledModel on XNNPACK with XNNPACK's weight cache, measured warm (a first
+child packs the weights into a cache file, as an app's first launch does; the measured child loads
+them from it). Without the cache XNNPACK keeps a packed copy of every weight beside the model's
+own, so the footprint holds the weights twice (ResNet50 float32: 195 MB instead of 106 MB; see
+benchmarks/results.md). `runtime="interpreter"` measures the classic
+`ai_edge_litert.interpreter.Interpreter` (default XNNPACK delegate, no cache) instead, and is the
+fallback for a model the CompiledModel refuses.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 KERNEL_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
+RUNTIMES = ("compiled", "interpreter")
 
 
 @dataclass
@@ -31,6 +41,7 @@ class Measurement:
     peak_memory_mb: float
     num_threads: int
     runs: int
+    runtime: str = "compiled"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,20 +78,40 @@ def weight_stats(model_path: str | Path) -> dict[str, float]:
 
 
 def measure(model_path: str | Path, *, runs: int = 200, warmup: int = 20, num_threads: int = 1,
-            timeout: float = 600.0) -> Measurement:
-    """Measure in a fresh subprocess; raises RuntimeError with the child's error if it fails."""
+            timeout: float = 600.0, runtime: str = "compiled") -> Measurement:
+    """Measure in a fresh subprocess; raises RuntimeError with the child's error if it fails.
+
+    `runtime="compiled"` falls back to the interpreter for a model the CompiledModel refuses (the
+    result's `runtime` says which one measured it)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
+    figures = None
+    if runtime == "compiled":
+        with tempfile.TemporaryDirectory(prefix="xnnpack-weights-") as cache_dir:
+            options = ["--runtime", "compiled", "--weight-cache", os.path.join(cache_dir, "weights.cache")]
+            try:
+                _run_child(model_path, 1, 0, num_threads, options, timeout)  # packs the weight cache
+                figures = _run_child(model_path, runs, warmup, num_threads, options, timeout)
+            except RuntimeError:
+                runtime = "interpreter"
+    if figures is None:
+        figures = _run_child(model_path, runs, warmup, num_threads, ["--runtime", "interpreter"], timeout)
+    return Measurement(size_bytes=Path(model_path).stat().st_size,
+                       gzip_size_bytes=gzip_size(model_path), runs=runs, num_threads=num_threads,
+                       runtime=runtime, **figures)
+
+
+def _run_child(model_path, runs: int, warmup: int, num_threads: int, options: list[str],
+               timeout: float) -> dict:
     command = [sys.executable, "-m", "pipeline.benchmark", str(model_path), "--runs", str(runs),
-               "--warmup", str(warmup), "--threads", str(num_threads)]
+               "--warmup", str(warmup), "--threads", str(num_threads), *options]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"benchmark of {Path(model_path).name} failed: {tail[0]}")
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    return Measurement(size_bytes=Path(model_path).stat().st_size,
-                       gzip_size_bytes=gzip_size(model_path), runs=runs, num_threads=num_threads,
-                       **figures)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _rss_kib(field: str) -> int:
@@ -91,41 +122,78 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def _child(model_path: str, runs: int, warmup: int, num_threads: int) -> dict:
-    from ai_edge_litert.interpreter import Interpreter
+def _child(model_path: str, runs: int, warmup: int, num_threads: int,
+           runtime: str = "compiled", weight_cache: str = "") -> dict:
     rng = np.random.default_rng(0)
+    # The runtime's import and set-up happen before the baseline: a once-per-process cost.
+    open_model = _open_compiled(weight_cache) if runtime == "compiled" else _open_interpreter()
     try:  # reset the peak-RSS mark so only what follows counts (Linux >= 4.0)
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
     except OSError:
         pass
     baseline_kib = _rss_kib("VmRSS")
-    interpreter = Interpreter(model_path=model_path, num_threads=num_threads)
-    interpreter.allocate_tensors()
-    detail = interpreter.get_input_details()[0]
-    shape = [1] + list(detail["shape"][1:])
-    if list(detail["shape"]) != shape:
-        interpreter.resize_tensor_input(detail["index"], shape, strict=False)
-        interpreter.allocate_tensors()
-    dtype = detail["dtype"]
+    shape, dtype, set_input, invoke = open_model(model_path, num_threads)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         sample = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
     else:
         sample = rng.random(shape, dtype=np.float32).astype(dtype)
     for _ in range(warmup):
-        interpreter.set_tensor(detail["index"], sample)
-        interpreter.invoke()
+        set_input(sample)
+        invoke()
     timings = np.empty(runs)
     for i in range(runs):
-        interpreter.set_tensor(detail["index"], sample)
+        set_input(sample)
         start = time.perf_counter_ns()
-        interpreter.invoke()
+        invoke()
         timings[i] = (time.perf_counter_ns() - start) / 1e6
     peak_kib = _rss_kib("VmHWM")
     return {"latency_ms_p50": float(np.percentile(timings, 50)),
             "latency_ms_p90": float(np.percentile(timings, 90)),
             "peak_memory_mb": max(0, peak_kib - baseline_kib) / 1024.0}
+
+
+def _open_interpreter():
+    """An opener for the classic interpreter: model -> (batch-1 input shape, dtype, set_input,
+    invoke)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    def open_model(model_path: str, num_threads: int):
+        interpreter = Interpreter(model_path=model_path, num_threads=num_threads)
+        interpreter.allocate_tensors()
+        detail = interpreter.get_input_details()[0]
+        shape = [1] + list(detail["shape"][1:])
+        if list(detail["shape"]) != shape:
+            interpreter.resize_tensor_input(detail["index"], shape, strict=False)
+            interpreter.allocate_tensors()
+        return (shape, np.dtype(detail["dtype"]),
+                lambda x: interpreter.set_tensor(detail["index"], x), interpreter.invoke)
+    return open_model
+
+
+def _open_compiled(weight_cache: str):
+    """An opener for LiteRT's CompiledModel on XNNPACK with its weight cache at `weight_cache` (a
+    file: built on first use, memory-mapped after). The runtime environment (accelerator
+    registry, shared libraries) is set up here, like the interpreter's module import."""
+    from ai_edge_litert import compiled_model as litert
+    from ai_edge_litert.environment import Environment
+    environment = Environment.create()
+
+    def open_model(model_path: str, num_threads: int):
+        options = litert.Options(cpu_options=litert.CpuOptions(
+            num_threads=num_threads, xnnpack_weight_cache_path=weight_cache))
+        model = litert.CompiledModel.from_file(model_path, options=options, environment=environment)
+        signature = next(iter(model.get_signature_list()))
+        detail = next(iter(model.get_input_tensor_details(signature).values()))
+        inputs, outputs = model.create_input_buffers(0), model.create_output_buffers(0)
+        shape = [1] + list(detail["shape"][1:])
+        if list(detail["shape"]) != shape:
+            model.resize_input_tensor(0, shape, strict=False)
+            inputs, outputs = model.create_input_buffers(0), model.create_output_buffers(0)
+        return (shape, np.dtype(detail["dtype"]), inputs[0].write,
+                lambda: model.run_by_index(0, inputs, outputs))
+    return open_model
 
 
 def main(argv=None) -> int:
@@ -134,8 +202,12 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runtime", choices=RUNTIMES, default="compiled")
+    parser.add_argument("--weight-cache", default="",
+                        help="XNNPACK weight cache file (compiled runtime): built if missing")
     args = parser.parse_args(argv)
-    print(json.dumps(_child(args.model, args.runs, args.warmup, args.threads)))
+    print(json.dumps(_child(args.model, args.runs, args.warmup, args.threads, args.runtime,
+                            args.weight_cache)))
     return 0
 
 
