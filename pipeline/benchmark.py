@@ -8,8 +8,8 @@ earlier allocation in the pipeline's own process pollutes it.
 The runtime is LiteRT's CompiledModel on XNNPACK with XNNPACK's weight cache, measured warm (a first
 child packs the weights into a cache file, as an app's first launch does; the measured child loads
 them from it). Without the cache XNNPACK keeps a packed copy of every weight beside the model's
-own, so the footprint holds the weights twice (ResNet50 float32: 195 MB instead of 106 MB; see
-benchmarks/results.md). `runtime="interpreter"` measures the classic
+own, so the footprint holds the weights twice (ResNet50 float32: 195 MiB instead of 107 MiB;
+see benchmarks/results.md). `runtime="interpreter"` measures the classic
 `ai_edge_litert.interpreter.Interpreter` (default XNNPACK delegate, no cache) instead, and is the
 fallback for a model the CompiledModel refuses.
 """

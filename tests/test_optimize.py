@@ -38,6 +38,8 @@ def base_path(dataset, tmp_path_factory):
     """The default CNN trained one epoch (17 steps). BatchNorm momentum 0.5 so its moving
     variance settles within those steps: at Keras' 0.99 it stays near its initial 1.0, far above
     the real variances (~1e-3 after the first conv), and inference-mode accuracy is near chance."""
+    import tf_keras
+    tf_keras.backend.clear_session()  # layer names (conv2d, dense...) restart whatever ran before
     set_seed(7)
     model = build_cnn(dataset.input_shape, dataset.num_classes, name="teacher_cnn")
     for layer in model.layers:
@@ -196,7 +198,9 @@ def test_qat_model_round_trips_and_converts_to_int8_kernels(base_path, dataset, 
 
 def test_distilled_student_is_smaller_and_plain(base_path, dataset, config):
     teacher = load_model(base_path)
-    student = distillation.apply(teacher, dataset, config, applied=())
+    # Three epochs (~50 steps): enough for the student's batch-norm statistics to settle.
+    student = distillation.apply(teacher, dataset, dataclasses.replace(config, distill_epochs=3),
+                                 applied=())
     keras = tf_keras()
     assert isinstance(student, keras.Sequential) and student.optimizer is None
     assert student.output_shape == (None, dataset.num_classes)
@@ -206,7 +210,7 @@ def test_distilled_student_is_smaller_and_plain(base_path, dataset, config):
     # Trained (not the initial weights): it agrees with the teacher well above chance.
     agreement = np.mean(predict_classes(student, dataset.x_test)
                         == predict_classes(teacher, dataset.x_test))
-    assert agreement > 0.3
+    assert agreement > 0.3  # chance is 0.1
 
 
 def test_a_softmax_teacher_contributes_log_probabilities(base_path, dataset):
