@@ -62,7 +62,7 @@ def build_cnn(input_shape: tuple[int, ...], num_classes: int, width: float = 1.0
 def count_macs(model) -> int:
     """Multiply-accumulates of one forward pass through Conv2D/DepthwiseConv2D/Dense layers."""
     total = 0
-    for layer in _flat_layers(model):
+    for layer in flat_layers(model):
         kind = type(layer).__name__
         if kind in ("Conv2D", "DepthwiseConv2D", "Dense"):
             kernel = layer.get_weights()[0] if layer.get_weights() else None
@@ -74,10 +74,11 @@ def count_macs(model) -> int:
     return total
 
 
-def _flat_layers(model):
+def flat_layers(model):
+    """Every leaf layer, nested models flattened."""
     for layer in model.layers:
         if hasattr(layer, "layers") and layer.layers:
-            yield from _flat_layers(layer)
+            yield from flat_layers(layer)
         else:
             yield layer
 

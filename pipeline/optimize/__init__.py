@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.models import load_model, model_kind, predict_classes, tf_keras
+from pipeline.models import flat_layers, load_model, model_kind, predict_classes, tf_keras
 from pipeline.train import compile_classifier, cosine_schedule, fit, set_seed
 from pipeline.variants import OPTIMIZATION_ORDER
 
@@ -339,7 +339,7 @@ def kernel_stats(model) -> dict:
 def keras_params(model) -> int:
     """Parameters of the Keras layers, without TF-MOT's training variables (quantization ranges,
     masks, cluster-preserving copies), so a QAT model counts like the model it wraps."""
-    return sum(int(np.prod(w.shape)) for layer in _walk(model) for w in _own_weights(layer))
+    return sum(int(np.prod(w.shape)) for layer in flat_layers(model) for w in _own_weights(layer))
 
 
 def _kernels(model):
@@ -347,7 +347,7 @@ def _kernels(model):
     keras = tf_keras()
     kinds = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
              keras.layers.DepthwiseConv2D, keras.layers.Dense)
-    for layer in _walk(model):
+    for layer in flat_layers(model):
         inner = _unwrap(layer)
         if isinstance(inner, kinds):
             # The variable, not `inner.kernel`: QAT's wrapper replaces that attribute with the
@@ -366,14 +366,6 @@ def _own_weights(layer) -> list:
     return [w for w in layer.weights if w.name.startswith(inner.name + "/")]
 
 
-def _walk(model):
-    for layer in model.layers:
-        if hasattr(layer, "layers") and layer.layers:
-            yield from _walk(layer)
-        else:
-            yield layer
-
-
 def _unwrap(layer):
     """The Keras layer inside TF-MOT's wrappers (PruneLowMagnitude, ClusterWeights,
     QuantizeWrapper)."""
@@ -387,7 +379,7 @@ def _from_tfmot(layer, package: str = "") -> bool:
 
 
 def _is_quantized(model) -> bool:
-    return any(_from_tfmot(layer, "quantization") for layer in _walk(model))
+    return any(_from_tfmot(layer, "quantization") for layer in flat_layers(model))
 
 
 def _save_array(path: Path, array: np.ndarray) -> str:
