@@ -18,10 +18,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Extra options for `make run`, e.g. make run ARGS="--train-limit 5000 --variants float32,int8"
 ARGS ?=
 
-.PHONY: help install dataset airflow-db run cli test test-slow mlflow-ui clean
+.PHONY: help install dataset airflow-db run cli test test-slow bench mlflow-ui clean
 help:
 	@echo "make run        the whole DAG end to end through Airflow (embedded SQLite, local MLflow)"
 	@echo "make test       the test suite"
+	@echo "make bench      side-by-side performance tables (benchmarks/results.md)"
 	@echo "make cli        the same pipeline without Airflow (python -m pipeline run)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 for the local store"
 	@echo "make up         MLflow server + Airflow on 127.0.0.1 (:5000, :8080); make status / make down"
@@ -32,8 +33,8 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
-	$(PY) -m pip install --quiet -r requirements-test.txt
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt -r requirements-bench.txt
 	@touch $@
 
 install: $(VENV)/.installed
@@ -66,6 +67,15 @@ test: $(VENV)/.installed-test dataset
 # marked slow.
 test-slow: $(VENV)/.installed-test dataset
 	$(PY) -m pytest -q -m slow tests
+
+$(VENV)/.installed-bench: $(VENV)/.installed requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	@touch $@
+
+# Side-by-side performance tables: benchmarks/results.md and results.json (~15-30 min);
+# make bench ARGS=--quick for a 3-minute check of the tables.
+bench: $(VENV)/.installed-bench dataset airflow-db
+	$(PY) -m benchmarks.run $(ARGS)
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --host 127.0.0.1 --port 5000

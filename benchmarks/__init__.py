@@ -1,0 +1,1 @@
+"""`make bench`: the pipeline's performance measured side by side in one run (see README.md)."""

@@ -1,0 +1,186 @@
+"""`python -m benchmarks.run --quick`: the tables exist, have every section, row and column, their
+ratios follow from the raw figures beside them, and the markdown says what the JSON says.
+No timing thresholds: the quick mode checks the tables' shape, not the machine's speed."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import limits, memory, run
+from benchmarks.render import SECTION_NUMBERS, cell
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANT_KEYS = {"variant", "accuracy", "size_bytes", "gzip_size_bytes", "size_ratio", "gzip_ratio",
+                "size_floor_bytes", "latency_ms_p50_1t", "latency_ms_p90_1t", "latency_ms_p50_2t",
+                "latency_ms_p90_2t", "speedup_1t", "peak_memory_mb_1t", "peak_memory_mb_2t",
+                "memory_ratio_1t", "memory_floor_mb"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    pytest.importorskip("tf2onnx", reason="make bench's requirements (requirements-bench.txt)")
+    pytest.importorskip("onnxruntime", reason="make bench's requirements (requirements-bench.txt)")
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
+                           "--cache-dir", str(out / "cache")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^\[\d\d:\d\d\] resnet: ", done.stderr, re.M), "no progress lines on stderr"
+    results = json.loads((out / "results.json").read_text())
+    return results, (out / "results.md").read_text()
+
+
+def _table(results: dict, table_id: str) -> dict:
+    for section in results["sections"].values():
+        for spec in section["tables"]:
+            if spec["id"] == table_id:
+                return spec
+    raise AssertionError(f"no table {table_id}")
+
+
+def test_every_section_ran_with_its_tables(quick):
+    results, _ = quick
+    assert results["mode"] == "quick"
+    assert list(results["sections"]) == list(run.SECTIONS)
+    for name, section in results["sections"].items():
+        assert not section.get("error"), (name, section.get("error"))
+        assert section["tables"] and section["title"]
+    ids = [t["id"] for s in results["sections"].values() for t in s["tables"]]
+    assert ids == ["resnet-variants", "resnet-memory-options", "cnn-variants", "throughput", "peer",
+                   "orchestration"]
+    assert results["sections"]["resnet"]["stand_in"] is True
+    assert "STAND-IN" in results["sections"]["resnet"]["title"]
+
+
+def test_machine_is_described(quick):
+    results, markdown = quick
+    machine = results["machine"]
+    assert machine["cpu_model"] and machine["cores"] >= 1 and machine["cpu_flags"]
+    assert machine["versions"]["ai-edge-litert"]
+    assert machine["cpu_model"] in markdown and "Key CPU flags" in markdown
+
+
+def test_variant_tables_have_every_row_and_column(quick):
+    results, _ = quick
+    resnet = _table(results, "resnet-variants")
+    assert [r["variant"] for r in resnet["rows"]] == list(run.RESNET_VARIANTS)
+    cnn = _table(results, "cnn-variants")
+    assert [r["variant"] for r in cnn["rows"]] == run.QUICK["cnn"]["variants"]
+    for spec in (resnet, cnn):
+        assert {c["key"] for c in spec["columns"]} == VARIANT_KEYS
+        for row in spec["rows"]:
+            assert row["status"] == "ok", row
+            assert all(row.get(key) is not None for key in VARIANT_KEYS), row
+            assert 0 <= row["accuracy"] <= 1 and row["size_floor_bytes"] <= row["size_bytes"]
+
+
+def test_ratios_follow_from_the_raw_figures(quick):
+    results, _ = quick
+    for table_id in ("resnet-variants", "cnn-variants"):
+        rows = {r["variant"]: r for r in _table(results, table_id)["rows"]}
+        base = rows["float32"]
+        assert base["size_ratio"] == pytest.approx(1.0)
+        for row in rows.values():
+            assert row["size_ratio"] == pytest.approx(base["size_bytes"] / row["size_bytes"])
+            assert row["gzip_ratio"] == pytest.approx(base["size_bytes"] / row["gzip_size_bytes"])
+            assert row["speedup_1t"] == pytest.approx(base["latency_ms_p50_1t"] / row["latency_ms_p50_1t"])
+            assert row["memory_ratio_1t"] == pytest.approx(base["peak_memory_mb_1t"] / row["peak_memory_mb_1t"])
+            # medians over rounds of the per-round figures
+            assert row["latency_ms_p50_1t"] == pytest.approx(
+                np.median([r["latency_ms_p50"] for r in row["rounds_1t"]]), rel=1e-3, abs=1e-4)  # stored to 4 decimals
+    throughput = _table(results, "throughput")["rows"]
+    for name in {r["variant"] for r in throughput}:
+        rows = [r for r in throughput if r["variant"] == name]
+        loop = next(r for r in rows if r["method"] == "one image per invoke")
+        for row in rows:
+            assert row["speedup"] == pytest.approx(loop["seconds"] / row["seconds"])
+            assert row["images_per_second"] == pytest.approx(row["images"] / row["seconds"])
+    orchestration = _table(results, "orchestration")["rows"]
+    cli = next(r for r in orchestration if r["launcher"].startswith("command line"))
+    dag = next(r for r in orchestration if r["launcher"].startswith("Airflow"))
+    assert dag["ratio_to_cli"] == pytest.approx(dag["median_seconds"] / cli["median_seconds"])
+    goal = results["sections"]["orchestration"]["goals"][0]
+    assert goal["measured"] == pytest.approx(dag["ratio_to_cli"])
+
+
+def test_memory_investigation_covers_every_option(quick):
+    results, markdown = quick
+    rows = _table(results, "resnet-memory-options")["rows"]
+    for variant in run.RESNET_VARIANTS:
+        configs = {(r["config"], r["threads"]) for r in rows if r["variant"] == variant}
+        assert {c for c, _ in configs} == set(memory.CONFIGS)
+        assert {(c, 1) for c in memory.BOTH_THREAD_COUNTS} <= configs
+    warm = [r for r in rows if r["config"] == "compiled-cache-warm"]
+    assert all(r.get("cache_file_mb", 0) > 0 for r in warm), warm  # the weights come from the cache
+    assert results["sections"]["resnet"]["conclusion"]
+    assert "### Conclusion" in markdown
+
+
+def test_peer_section_sets_onnx_runtime_beside_litert(quick):
+    results, _ = quick
+    rows = _table(results, "peer")["rows"]
+    runtimes = {(r["runtime"], r["variant"].split(" (")[0]) for r in rows}
+    assert {("LiteRT", "float32"), ("LiteRT", "int8"), ("ONNX Runtime", "float32"),
+            ("ONNX Runtime", "int8 dynamic")} <= runtimes
+    assert any(r["runtime"] == "ONNX Runtime" and r["variant"].startswith("int8 static") for r in rows)
+    assert all(0 <= r["accuracy"] <= 1 and r["latency_ms_p50"] > 0 for r in rows)
+
+
+def _markdown_tables(markdown: str) -> dict[str, list[list[str]]]:
+    tables, current = {}, None
+    for line in markdown.splitlines():
+        marker = re.match(r"<!-- table: (\S+) -->", line)
+        if marker:
+            current = tables.setdefault(marker.group(1), [])
+        elif current is not None and line.startswith("|"):
+            current.append([c.strip() for c in line.strip("|").split("|")])
+        elif current is not None and not line.strip():
+            current = None
+    return {k: v[2:] for k, v in tables.items()}  # drop the header and rule lines
+
+
+def test_markdown_says_what_the_json_says(quick):
+    results, markdown = quick
+    tables = _markdown_tables(markdown)
+    for section in results["sections"].values():
+        for spec in section["tables"]:
+            lines = tables[spec["id"]]
+            assert len(lines) == len(spec["rows"]), spec["id"]
+            for row, cells in zip(spec["rows"], lines):
+                assert len(cells) == len(spec["columns"])
+                for column, text in zip(spec["columns"], cells):
+                    value = row.get(column["key"])
+                    assert text == cell(value, column["format"]), (spec["id"], column["key"])
+                    if column["format"] in ("mb", "mib", "ms", "s", "x", "pct") and value is not None:
+                        number = float(re.sub(r"[^0-9.eE+-]", "", text))
+                        scale = {"mb": 1e6, "pct": 0.01}.get(column["format"], 1.0)
+                        decimals = len(text.split(".")[1].rstrip("x %")) if "." in text else 0
+                        assert abs(number * scale - value) <= 0.5 * 10 ** -decimals * scale + 1e-9
+    for key, section in results["sections"].items():
+        assert f"## {SECTION_NUMBERS[key]}. {section['title']}" in markdown
+        for g in section["goals"]:
+            assert f"| {g['goal']} | {g['target']} |" in markdown
+
+
+def test_graph_limits_of_a_small_dense_model(tmp_path):
+    """Weights counted once, activations by their live ranges (independent of the bench run)."""
+    import tf_keras
+
+    from pipeline.quantize import convert
+    # non-zero biases: the converter drops all-zero ones
+    model = tf_keras.Sequential([tf_keras.Input((64,)),
+                                 tf_keras.layers.Dense(32, activation="relu", bias_initializer="ones"),
+                                 tf_keras.layers.Dense(8, bias_initializer="ones")])
+    path = convert("float32", tmp_path / "dense.tflite", model=model)
+    graph = limits.graph_memory(path)
+    assert graph["weight_elements"] == model.count_params()
+    assert graph["weights_stored_bytes"] == graph["weights_executed_bytes"] == 4 * model.count_params()
+    # the widest moment: the 64-float input and the 32-float hidden layer, or hidden and output
+    assert graph["activation_live_peak_bytes"] == 4 * (64 + 32)
+    assert limits.floors("int8", graph)["size_floor_bytes"] == model.count_params()
