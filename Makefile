@@ -72,8 +72,9 @@ $(VENV)/.installed-bench: $(VENV)/.installed requirements-bench.txt
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	@touch $@
 
-# Side-by-side performance tables: benchmarks/results.md and results.json (~15-30 min);
-# make bench ARGS=--quick for a 3-minute check of the tables.
+# Side-by-side performance tables: benchmarks/results.md and results.json (trains the default CNN;
+# ~30+ min on 2 cores, or `ARGS="--reuse-run .work/<run>"` to measure a finished run: ~11-19 min);
+# ARGS=--quick checks the tables in ~4 min.
 bench: $(VENV)/.installed-bench dataset airflow-db
 	$(PY) -m benchmarks.run $(ARGS)
 
