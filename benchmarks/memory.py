@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import ROOT
+from pipeline.benchmark import rss_kib
 
 CONFIGS = {
     "interpreter": "Interpreter(model_path), default XNNPACK delegate (the pipeline until now)",
@@ -33,14 +34,6 @@ CONFIGS = {
 }
 # The configurations measured at both thread counts (the rest at the higher one only).
 BOTH_THREAD_COUNTS = ("interpreter", "interpreter-no-delegate", "compiled-cache-warm")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _resident_by_mapping(model_path: str, cache_path: str) -> dict[str, int]:
@@ -73,7 +66,7 @@ def _child(model_path: str, config: str, threads: int, runs: int, warmup: int, c
     environment = Environment.create() if config.startswith("compiled") else None
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset the peak mark
-    base_kib, base_by = _status_kib("VmRSS"), _resident_by_mapping(model_path, cache)
+    base_kib, base_by = rss_kib("VmRSS"), _resident_by_mapping(model_path, cache)
     started = time.perf_counter()
     if config.startswith("interpreter"):
         if config == "interpreter-model-content":
@@ -113,7 +106,7 @@ def _child(model_path: str, config: str, threads: int, runs: int, warmup: int, c
         invoke()
         timings.append((time.perf_counter_ns() - start) / 1e6)
     end_by = _resident_by_mapping(model_path, cache)
-    result = {"peak_memory_mb": (_status_kib("VmHWM") - base_kib) / 1024,
+    result = {"peak_memory_mb": (rss_kib("VmHWM") - base_kib) / 1024,
               "latency_ms_p50": float(np.percentile(timings, 50)),
               "first_invoke_s": load_seconds}
     for kind in end_by:

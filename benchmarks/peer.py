@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import ROOT
+from pipeline.benchmark import rss_kib, run_measuring_child
 
 OPSET = 17
 
@@ -72,23 +70,9 @@ def accuracy(onnx_path: Path, x: np.ndarray, y: np.ndarray, batch_size: int = 25
 
 def measure(onnx_path: Path, *, runs: int, warmup: int, timeout: float = 600.0) -> dict:
     """Latency (batch 1, one thread) and peak memory in a fresh process."""
-    command = [sys.executable, "-m", "benchmarks.peer", str(onnx_path), "--runs", str(runs),
-               "--warmup", str(warmup)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"ONNX Runtime benchmark of {onnx_path.name} failed: {tail[0]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+    return run_measuring_child("benchmarks.peer", [str(onnx_path), "--runs", str(runs),
+                                                   "--warmup", str(warmup)],
+                               f"ONNX Runtime benchmark of {onnx_path.name}", timeout)
 
 
 def _child(onnx_path: str, runs: int, warmup: int) -> dict:
@@ -100,7 +84,7 @@ def _child(onnx_path: str, runs: int, warmup: int) -> dict:
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
-    baseline = _rss_kib("VmRSS")
+    baseline = rss_kib("VmRSS")
     session = onnxruntime.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
     detail = session.get_inputs()[0]
     shape = [1] + [int(d) for d in detail.shape[1:]]
@@ -114,7 +98,7 @@ def _child(onnx_path: str, runs: int, warmup: int) -> dict:
         timings[i] = (time.perf_counter_ns() - start) / 1e6
     return {"latency_ms_p50": float(np.percentile(timings, 50)),
             "latency_ms_p90": float(np.percentile(timings, 90)),
-            "peak_memory_mb": max(0, _rss_kib("VmHWM") - baseline) / 1024}
+            "peak_memory_mb": max(0, rss_kib("VmHWM") - baseline) / 1024}
 
 
 def main(argv=None) -> int:

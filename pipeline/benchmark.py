@@ -103,18 +103,27 @@ def measure(model_path: str | Path, *, runs: int = 200, warmup: int = 20, num_th
 
 def _run_child(model_path, runs: int, warmup: int, num_threads: int, options: list[str],
                timeout: float) -> dict:
-    command = [sys.executable, "-m", "pipeline.benchmark", str(model_path), "--runs", str(runs),
-               "--warmup", str(warmup), "--threads", str(num_threads), *options]
+    return run_measuring_child(
+        "pipeline.benchmark", [str(model_path), "--runs", str(runs), "--warmup", str(warmup),
+                               "--threads", str(num_threads), *options],
+        f"benchmark of {Path(model_path).name}", timeout)
+
+
+def run_measuring_child(module: str, args: list[str], label: str, timeout: float) -> dict:
+    """Run `python -m module args` in a fresh process (the project importable); its last line of
+    output is a JSON object of figures. Raises RuntimeError with the child's last error line."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"benchmark of {Path(model_path).name} failed: {tail[0]}")
+        raise RuntimeError(f"{label} failed: {tail[0]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM...), in KiB."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -132,7 +141,7 @@ def _child(model_path: str, runs: int, warmup: int, num_threads: int,
             refs.write("5")
     except OSError:
         pass
-    baseline_kib = _rss_kib("VmRSS")
+    baseline_kib = rss_kib("VmRSS")
     shape, dtype, set_input, invoke = open_model(model_path, num_threads)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
@@ -148,7 +157,7 @@ def _child(model_path: str, runs: int, warmup: int, num_threads: int,
         start = time.perf_counter_ns()
         invoke()
         timings[i] = (time.perf_counter_ns() - start) / 1e6
-    peak_kib = _rss_kib("VmHWM")
+    peak_kib = rss_kib("VmHWM")
     return {"latency_ms_p50": float(np.percentile(timings, 50)),
             "latency_ms_p90": float(np.percentile(timings, 90)),
             "peak_memory_mb": max(0, peak_kib - baseline_kib) / 1024.0}
