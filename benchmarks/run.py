@@ -351,7 +351,7 @@ def section_cnn(bench: Bench) -> dict:
               f"{config['distill_epochs']}, train limit {config['train_limit'] or 'none'}, "
               f"{len(dataset.y_train)} training and {len(dataset.y_test)} test images")
     notes = [
-        ("Reused pipeline run " + str(run_dir) if pipeline_seconds is None else
+        ("Reused pipeline run " + Path(run_dir).name if pipeline_seconds is None else
          f"`python -m pipeline run --dataset fashion-mnist {' '.join(s['args'])}` "
          f"({pipeline_seconds / 60:.1f} min)") + f"; training budget: {budget}.",
         f"Variants: {_variants_words(variants)}; "
