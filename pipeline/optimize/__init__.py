@@ -44,6 +44,23 @@ def finetune_epochs(config) -> int:
     return max(1, config.finetune_epochs)
 
 
+def wrap_and_finetune(model, targets: set[str], wrap_layer, technique: str, dataset, config, *,
+                      learning_rate: float, callbacks=()):
+    """Clone `model` with `wrap_layer(layer)` (a TF-MOT verb) around the layers named in
+    `targets`, then fine-tune the clone; TF-MOT's refusals become TechniqueErrors."""
+    def wrap(layer):
+        if layer.name not in targets:
+            return layer
+        with tfmot_errors(technique, layer):
+            return wrap_layer(layer)
+
+    with tfmot_errors(technique):
+        wrapped = tf_keras().models.clone_model(model, clone_function=wrap)
+    finetune(wrapped, dataset, config, learning_rate=learning_rate,
+             from_logits=not outputs_probabilities(model), callbacks=callbacks)
+    return wrapped
+
+
 def finetune(model, dataset, config, *, learning_rate: float, from_logits: bool, callbacks=()):
     """Compile with a cosine-decayed rate and fit for `finetune_epochs(config)` epochs."""
     epochs = finetune_epochs(config)

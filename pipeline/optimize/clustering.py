@@ -9,7 +9,6 @@ are. Clustering works on `optimize.fuse_layers(model)` (see there why).
 from __future__ import annotations
 
 from pipeline import optimize
-from pipeline.models import tf_keras
 
 NAME = "cluster"
 # TF-MOT's clustering guide fine-tunes far below the training rate: the centroids only need nudging.
@@ -20,7 +19,6 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     import tensorflow_model_optimization as tfmot
 
     clustering = tfmot.clustering.keras
-    keras = tf_keras()
     model = optimize.fuse_layers(model)
     targets = {layer.name for layer in optimize.tfmot_kernel_layers(model)
                if layer.kernel.shape.num_elements() > config.cluster_count}
@@ -34,15 +32,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
         "preserve_sparsity": "prune" in applied,
     }
 
-    def wrap(layer):
-        if layer.name not in targets:
-            return layer
-        with optimize.tfmot_errors(NAME, layer):
-            return clustering.cluster_weights(layer, **params)
-
-    with optimize.tfmot_errors(NAME):
-        clustered = keras.models.clone_model(model, clone_function=wrap)
-    optimize.finetune(clustered, dataset, config,
-                      learning_rate=config.learning_rate * LEARNING_RATE_SCALE,
-                      from_logits=not optimize.outputs_probabilities(model))
+    clustered = optimize.wrap_and_finetune(
+        model, targets, lambda layer: clustering.cluster_weights(layer, **params), NAME, dataset,
+        config, learning_rate=config.learning_rate * LEARNING_RATE_SCALE)
     return clustering.strip_clustering(clustered)

@@ -34,7 +34,6 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     import tensorflow_model_optimization as tfmot
 
     sparsity = tfmot.sparsity.keras
-    keras = tf_keras()
     model = optimize.fuse_layers(model)
     targets = layers_to_prune(model, structured=config.prune_structured)
     if not targets:
@@ -46,18 +45,10 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     if config.prune_structured:
         params["sparsity_m_by_n"] = STRUCTURED_M_BY_N
 
-    def wrap(layer):
-        if layer.name not in targets:
-            return layer
-        with optimize.tfmot_errors(NAME, layer):
-            return sparsity.prune_low_magnitude(layer, **params)
-
-    with optimize.tfmot_errors(NAME):
-        pruned = keras.models.clone_model(model, clone_function=wrap)
-    optimize.finetune(pruned, dataset, config,
-                      learning_rate=config.learning_rate * LEARNING_RATE_SCALE,
-                      from_logits=not optimize.outputs_probabilities(model),
-                      callbacks=[sparsity.UpdatePruningStep()])  # also re-applies masks per epoch
+    pruned = optimize.wrap_and_finetune(
+        model, targets, lambda layer: sparsity.prune_low_magnitude(layer, **params), NAME,
+        dataset, config, learning_rate=config.learning_rate * LEARNING_RATE_SCALE,
+        callbacks=[sparsity.UpdatePruningStep()])  # also re-applies masks per epoch
     return sparsity.strip_pruning(pruned)
 
 
