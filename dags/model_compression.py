@@ -4,7 +4,8 @@
 Train (or bring) a Keras classifier, produce every requested compressed variant, measure each
 through the LiteRT interpreter, choose the best under the accuracy budget and register it in MLflow.
 
-`train` -> `optimize` (one mapped task per optimized Keras model, each trained once) ->
+`train` -> `optimize` (one mapped task per optimized Keras model, each trained once; a
+combination such as prune+cluster continues from the prune model, training it first if needed) ->
 `variant.quantize` -> `variant.evaluate` -> `variant.benchmark` (a mapped task group, one per
 variant) -> `select` -> `register`.
 
@@ -25,7 +26,7 @@ from airflow.sdk import (AssetOrTimeSchedule, CronTriggerTimetable, Param, dag,
                          get_current_context, task, task_group)
 
 from pipeline.assets import TRAINING_DATASET
-from pipeline.config import OBJECTIVES, PipelineConfig
+from pipeline.config import AUGMENTATIONS, OBJECTIVES, PipelineConfig
 from pipeline.variants import DEFAULT_VARIANTS, all_variant_names
 
 DEFAULTS = PipelineConfig.__dataclass_fields__
@@ -50,9 +51,16 @@ PARAMS = {
     "variants": Param(list(DEFAULT_VARIANTS), type="array", minItems=1, uniqueItems=True,
                       items={"type": "string", "enum": all_variant_names()},
                       description="Variants to produce: optimizations joined by '+', a dash, the quantization mode"),
-    "finetune_epochs": Param(_default("finetune_epochs"), type="integer", minimum=0, maximum=100),
+    "finetune_epochs": Param(_default("finetune_epochs"), type="integer", minimum=0, maximum=100,
+                             description="Clustering and QAT fine-tuning epochs"),
+    "prune_epochs": Param(_default("prune_epochs"), type="integer", minimum=1, maximum=100,
+                          description="Pruning epochs: sparsity ramps up, then the model recovers"),
     "distill_epochs": Param(_default("distill_epochs"), type="integer", minimum=1, maximum=500),
     "prune_sparsity": Param(_default("prune_sparsity"), type="number", exclusiveMinimum=0, exclusiveMaximum=1),
+    "prune_block": Param(_default("prune_block"), type="integer", minimum=1, maximum=64,
+                         description="Dense weights are pruned in runs of this many inputs (1 = one by one)"),
+    "augment": Param(_default("augment"), type="string", enum=list(AUGMENTATIONS),
+                     description="Random horizontal flips in training: auto = only for fashion-mnist"),
     "cluster_count": Param(_default("cluster_count"), type="integer", minimum=2, maximum=256),
     "max_accuracy_drop_pts": Param(_default("max_accuracy_drop_pts"), type="number", minimum=0),
     "objective": Param(_default("objective"), type="string", enum=list(OBJECTIVES)),

@@ -13,6 +13,9 @@ from pipeline.variants import DEFAULT_VARIANTS, parse_variants
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OBJECTIVES = ("gzip_size", "latency", "memory")
+# "auto" flips Fashion-MNIST (clothes are left-right symmetric) and nothing else: a flipped digit
+# or letter is another class or none.
+AUGMENTATIONS = ("auto", "flip", "none")
 
 
 @dataclass
@@ -27,12 +30,15 @@ class PipelineConfig:
     train_limit: int | None = None         # use the first N training images (quick runs)
     test_limit: int | None = None          # use the first N test images (tests only)
     validation_fraction: float = 0.1
+    augment: str = "auto"                  # auto | flip | none: random horizontal flips in training
     calibration_samples: int = 500         # representative data for int8 / int16x8
     seed: int = 42
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     # Training-time techniques
-    finetune_epochs: int = 2               # pruning, clustering, QAT fine-tuning
-    prune_sparsity: float = 0.8
+    finetune_epochs: int = 2               # clustering and QAT fine-tuning
+    prune_epochs: int = 4                  # pruning: ramp to the target, then recover
+    prune_sparsity: float = 0.9            # of the largest kernel; smaller ones less (see pruning)
+    prune_block: int = 4                   # dense weights pruned in runs of N inputs (1: single)
     prune_structured: bool = False         # 2:4 structured sparsity instead of unstructured
     cluster_count: int = 16
     distill_epochs: int = 8
@@ -62,7 +68,7 @@ class PipelineConfig:
             self.variants = [v for v in self.variants.split(",") if v.strip()]
         self.variants = [v.name for v in parse_variants(self.variants)]
         positive = ("epochs", "batch_size", "calibration_samples", "cluster_count",
-                    "latency_runs", "distill_epochs")
+                    "latency_runs", "distill_epochs", "prune_epochs", "prune_block")
         for name in positive:
             if getattr(self, name) < 1:
                 raise PipelineInputError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -76,6 +82,8 @@ class PipelineConfig:
             raise PipelineInputError("validation_fraction must be between 0 and 0.5")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise PipelineInputError("distill_alpha must be between 0 and 1")
+        if self.augment not in AUGMENTATIONS:
+            raise PipelineInputError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.objective not in OBJECTIVES:
             raise PipelineInputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.finetune_epochs < 0:
@@ -102,6 +110,13 @@ class PipelineConfig:
                 continue
             merged[key] = _coerce(key, value, hints[key])
         return cls(**merged)
+
+    @property
+    def flips(self) -> bool:
+        """Whether training, fine-tuning and distillation see randomly flipped images."""
+        if self.augment == "auto":
+            return self.dataset == "fashion-mnist"
+        return self.augment == "flip"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

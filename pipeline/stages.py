@@ -135,9 +135,13 @@ def _train_or_reuse(dataset, config: PipelineConfig, run_dir: Path):
 
 # ------------------------------------------------------------------------------------ optimize
 def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
-    """Train the optimized Keras model for `recipe` (e.g. 'prune+cluster') once per run."""
+    """Train the optimized Keras model for `recipe` (e.g. 'prune+cluster') once per run.
+
+    A collaborative recipe continues from its prefix's model ('prune+cluster' from 'prune'),
+    training and recording that prefix first when no task has yet; the prefix's own task then
+    finds its record and returns it. A failed prefix fails the recipe with the prefix's error."""
     from pipeline.data import Dataset
-    from pipeline.optimize import apply_recipe
+    from pipeline.optimize import TechniqueError, apply_recipe, parse_recipe
 
     record = _recipe_record_path(ctx, recipe)
     if record.exists():
@@ -146,8 +150,22 @@ def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
             return done
     config = config_of(ctx)
     try:
+        techniques = parse_recipe(recipe)
+        start = None
+        if len(techniques) > 1:
+            prefix = "+".join(techniques[:-1])
+            try:
+                start = (prefix, optimize(ctx, prefix)["model_path"])
+            except Exception as error:
+                if getattr(error, "failed_step", None):  # it already names the step at fault
+                    raise
+                # Keep the kind: a TechniqueError is not worth a retry.
+                kind = TechniqueError if isinstance(error, TechniqueError) else VariantFailed
+                failed = kind(f"its first step {prefix!r} failed: {_one_line(error)}")
+                failed.failed_step = prefix
+                raise failed from error
         result = apply_recipe(recipe, ctx["base_model_path"], Dataset.load(ctx["dataset_path"]),
-                              config, str(record.parent / _safe(recipe)))
+                              config, str(record.parent / _safe(recipe)), start=start)
     except Exception as error:
         _write_json(record, {"recipe": recipe, "error": _one_line(error)})
         raise

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # Small settings that keep each test to seconds on 2 cores.
-QUICK = {"epochs": 1, "train_limit": 1200, "test_limit": 500, "finetune_epochs": 1,
+QUICK = {"epochs": 1, "train_limit": 1200, "test_limit": 500, "finetune_epochs": 1, "prune_epochs": 1,
          "distill_epochs": 1, "latency_runs": 20, "latency_warmup": 3, "calibration_samples": 64}
 
 

@@ -26,7 +26,7 @@ RUNS = 4  # the DAG's max_active_runs
 EXPERIMENT = "load-test"
 MODEL_NAME = "load-test-model"
 CONF = {"epochs": 1, "train_limit": 600, "test_limit": 200, "variants": ["float32", "dynamic"],
-        "finetune_epochs": 1, "experiment": EXPERIMENT, "registered_model_name": MODEL_NAME}
+        "finetune_epochs": 1, "prune_epochs": 1, "experiment": EXPERIMENT, "registered_model_name": MODEL_NAME}
 TIMEOUT = 1800
 LOCKED = "database is locked"
 

@@ -30,7 +30,7 @@ EXPERIMENT = "s3-artifacts"
 MODEL_NAME = "s3-test-classifier"
 VARIANTS = ("float32", "dynamic")
 TINY = ["--epochs", "1", "--train-limit", "600", "--test-limit", "200",
-        "--variants", ",".join(VARIANTS), "--set", "latency_runs=20", "--set", "finetune_epochs=1",
+        "--variants", ",".join(VARIANTS), "--set", "latency_runs=20", "--set", "finetune_epochs=1", "--set", "prune_epochs=1",
         "--experiment", EXPERIMENT, "--registered-model-name", MODEL_NAME]
 SECRETS = (MOTO_SECRET_ACCESS_KEY, MOTO_ACCESS_KEY_ID)
 # During the outage: MLflow's client retries a failed request 7 times with exponential backoff

@@ -45,7 +45,7 @@ def finetune_epochs(config) -> int:
 
 
 def wrap_and_finetune(model, targets: set[str], wrap_layer, technique: str, dataset, config, *,
-                      learning_rate: float, callbacks=()):
+                      learning_rate: float, epochs: int | None = None, callbacks=()):
     """Clone `model` with `wrap_layer(layer)` (a TF-MOT verb) around the layers named in
     `targets`, then fine-tune the clone; TF-MOT's refusals become TechniqueErrors."""
     def wrap(layer):
@@ -56,19 +56,21 @@ def wrap_and_finetune(model, targets: set[str], wrap_layer, technique: str, data
 
     with tfmot_errors(technique):
         wrapped = tf_keras().models.clone_model(model, clone_function=wrap)
-    finetune(wrapped, dataset, config, learning_rate=learning_rate,
+    finetune(wrapped, dataset, config, learning_rate=learning_rate, epochs=epochs,
              from_logits=not outputs_probabilities(model), callbacks=callbacks)
     return wrapped
 
 
-def finetune(model, dataset, config, *, learning_rate: float, from_logits: bool, callbacks=()):
-    """Compile with a cosine-decayed rate and fit for `finetune_epochs(config)` epochs."""
-    epochs = finetune_epochs(config)
+def finetune(model, dataset, config, *, learning_rate: float, from_logits: bool,
+             epochs: int | None = None, callbacks=()):
+    """Compile with a cosine-decayed rate and fit for `epochs` (default
+    `finetune_epochs(config)`) epochs."""
+    epochs = epochs or finetune_epochs(config)
     steps = math.ceil(len(dataset.x_train) / config.batch_size)
     compile_classifier(model, cosine_schedule(learning_rate, epochs, steps),
                        from_logits=from_logits)
     fit(model, dataset, epochs=epochs, batch_size=config.batch_size, callbacks=callbacks,
-        seed=config.seed)
+        augment=config.flips, seed=config.seed)
 
 
 def outputs_probabilities(model) -> bool:
@@ -240,8 +242,13 @@ def parse_recipe(recipe: str) -> tuple[str, ...]:
     return tuple(sorted(names, key=OPTIMIZATION_ORDER.index))
 
 
-def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir) -> dict:
+def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir, *,
+                 start: tuple[str, str] | None = None) -> dict:
     """Apply the recipe's techniques in order to a fresh copy of the base model and save it.
+
+    `start` = (prefix recipe, its saved model path) continues from an earlier result instead:
+    'prune+cluster' started from ('prune', path) only clusters, so collaborative recipes do not
+    redo the techniques they share with shorter recipes of the same run.
 
     Returns {recipe, model_path, params, macs, sparsity, unique_weights_max,
     unique_weights_per_channel_max, val_accuracy, keras_test_accuracy, keras_predictions_path}:
@@ -252,10 +259,16 @@ def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir) ->
 
     techniques = parse_recipe(recipe)
     name = "+".join(techniques)
-    model = _load_base(base_model_path, name, config)
-    set_seed(config.seed)
     applied: tuple[str, ...] = ()
-    for technique in techniques:
+    if start is None:
+        model = _load_base(base_model_path, name, config)
+    else:
+        applied = parse_recipe(start[0])
+        if techniques[:len(applied)] != applied or applied == techniques:
+            raise ValueError(f"{start[0]!r} is not a shorter prefix of recipe {name!r}")
+        model = load_optimized(start[1])
+    for technique in techniques[len(applied):]:
+        set_seed(config.seed)
         model = TECHNIQUES[technique].apply(model, dataset, config, applied=applied)
         applied += (technique,)
 

@@ -20,14 +20,12 @@ import numpy as np
 
 from pipeline import optimize
 from pipeline.models import build_cnn, count_macs, tf_keras
-from pipeline.train import cosine_schedule
+from pipeline.train import cosine_schedule, flipped_batches
 
 NAME = "distill"
 
 
 def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
-    import tensorflow as tf
-
     keras = tf_keras()
     teacher = model
     student = build_cnn(dataset.input_shape, dataset.num_classes, width=config.student_width,
@@ -39,9 +37,29 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
             f"{config.student_width}) is not smaller than the teacher ({teacher_macs:,}): "
             "lower student_width")
 
+    fit_to_teacher(student, teacher, dataset, config, epochs=config.distill_epochs,
+                   learning_rate=config.learning_rate)
+    # An uncompiled copy: it saves without the custom loss and optimizer state.
+    plain = keras.models.clone_model(student)
+    plain.set_weights(student.get_weights())
+    return plain
+
+
+def fit_to_teacher(student, teacher, dataset, config, *, epochs: int, learning_rate: float,
+                   from_logits: bool = True, callbacks=()) -> None:
+    """Compile `student` with the distillation loss (config.distill_temperature/_alpha) and a
+    cosine-decayed Adam rate, then fit it for `epochs` on the labels and the teacher's outputs.
+    `from_logits=False`: the student outputs probabilities (its log is used as logits)."""
+    import tensorflow as tf
+
+    keras = tf_keras()
     temperature, alpha = config.distill_temperature, config.distill_alpha
 
-    def distillation_loss(target, student_logits):
+    def as_logits(outputs):
+        return outputs if from_logits else tf.math.log(tf.clip_by_value(outputs, 1e-7, 1.0))
+
+    def distillation_loss(target, outputs):
+        student_logits = as_logits(outputs)
         labels = tf.cast(target[:, 0], tf.int32)
         teacher_log_p = tf.nn.log_softmax(target[:, 1:] / temperature)
         student_log_p = tf.nn.log_softmax(student_logits / temperature)
@@ -50,23 +68,24 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
                                                             from_logits=True)
         return alpha * hard + (1.0 - alpha) * temperature ** 2 * soft
 
-    def accuracy(target, student_logits):
+    def accuracy(target, outputs):
         labels = tf.cast(target[:, 0], tf.int64)
-        return tf.cast(tf.equal(labels, tf.argmax(student_logits, axis=-1)), tf.float32)
+        return tf.cast(tf.equal(labels, tf.argmax(outputs, axis=-1)), tf.float32)
 
     steps = math.ceil(len(dataset.x_train) / config.batch_size)
-    student.compile(
-        optimizer=keras.optimizers.Adam(
-            cosine_schedule(config.learning_rate, config.distill_epochs, steps)),
-        loss=distillation_loss, metrics=[accuracy])
-    student.fit(dataset.x_train, _targets(teacher, dataset.x_train, dataset.y_train),
-                batch_size=config.batch_size, epochs=config.distill_epochs,
-                validation_data=(dataset.x_val, _targets(teacher, dataset.x_val, dataset.y_val)),
-                shuffle=True, verbose=2)
-    # An uncompiled copy: it saves without the custom loss and optimizer state.
-    plain = keras.models.clone_model(student)
-    plain.set_weights(student.get_weights())
-    return plain
+    student.compile(optimizer=keras.optimizers.Adam(cosine_schedule(learning_rate, epochs, steps)),
+                    loss=distillation_loss, metrics=[accuracy])
+    targets = _targets(teacher, dataset.x_train, dataset.y_train)
+    if config.flips:  # the teacher's view of each flipped image, computed once as well
+        flipped = np.ascontiguousarray(dataset.x_train[:, :, ::-1])
+        train = {"x": flipped_batches(dataset.x_train, targets, batch_size=config.batch_size,
+                                      seed=config.seed,
+                                      y_flipped=_targets(teacher, flipped, dataset.y_train))}
+    else:
+        train = {"x": dataset.x_train, "y": targets, "batch_size": config.batch_size,
+                 "shuffle": True}
+    student.fit(**train, epochs=epochs, verbose=2, callbacks=list(callbacks),
+                validation_data=(dataset.x_val, _targets(teacher, dataset.x_val, dataset.y_val)))
 
 
 def teacher_logits(teacher, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
