@@ -30,20 +30,20 @@ class PipelineConfig:
     train_limit: int | None = None         # use the first N training images (quick runs)
     test_limit: int | None = None          # use the first N test images (tests only)
     validation_fraction: float = 0.1
-    augment: str = "auto"                  # auto | flip | none: random horizontal flips in training
+    augment: str = "auto"                  # auto | flip | none: flips in baseline training
     calibration_samples: int = 500         # representative data for int8 / int16x8
     seed: int = 42
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     # Training-time techniques
     finetune_epochs: int = 2               # clustering and QAT fine-tuning
     prune_epochs: int = 4                  # pruning: ramp to the target, then recover
-    prune_sparsity: float = 0.9            # of the largest kernel; smaller ones less (see pruning)
+    prune_sparsity: float = 0.91           # of the largest kernel; smaller ones less (see pruning)
     prune_block: int = 4                   # dense weights pruned in runs of N inputs (1: single)
     prune_structured: bool = False         # 2:4 structured sparsity instead of unstructured
     cluster_count: int = 16
-    distill_epochs: int = 8
-    distill_temperature: float = 4.0
-    distill_alpha: float = 0.1             # weight of the hard-label loss; 1 - alpha on soft targets
+    distill_epochs: int = 12
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5             # weight of the hard-label loss; 1 - alpha on soft targets
     student_width: float = 0.5             # student filters = teacher filters * width
     # Measurement
     latency_runs: int = 200
@@ -113,7 +113,7 @@ class PipelineConfig:
 
     @property
     def flips(self) -> bool:
-        """Whether training, fine-tuning and distillation see randomly flipped images."""
+        """Whether the baseline's training sees randomly flipped images."""
         if self.augment == "auto":
             return self.dataset == "fashion-mnist"
         return self.augment == "flip"

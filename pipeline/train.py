@@ -47,25 +47,13 @@ def fit(model, dataset: Dataset, *, epochs: int, batch_size: int, callbacks=(), 
 def _augmented(dataset: Dataset, batch_size: int, seed: int):
     """Random horizontal flips, outside the model so the deployed graph holds no augmentation
     layers. (Random shifts as well made the small CNN underfit within its epoch budget.)"""
-    return flipped_batches(dataset.x_train, dataset.y_train, batch_size=batch_size, seed=seed)
-
-
-def flipped_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int,
-                    y_flipped: np.ndarray | None = None):
-    """Shuffled batches where each image is flipped left-right with probability 1/2. A flipped
-    image takes its target from `y_flipped` when given (e.g. a teacher's outputs on the flipped
-    images), else from `y`."""
     import tensorflow as tf
 
-    targets = (y, y if y_flipped is None else y_flipped)
+    def augment(image, label):
+        return tf.image.random_flip_left_right(image, seed=seed), label
 
-    def augment(image, target, target_flipped):
-        flip = tf.random.uniform([], seed=seed) < 0.5
-        return (tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image),
-                tf.cond(flip, lambda: target_flipped, lambda: target))
-
-    return (tf.data.Dataset.from_tensor_slices((x, *targets))
-            .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return (tf.data.Dataset.from_tensor_slices((dataset.x_train, dataset.y_train))
+            .shuffle(len(dataset.x_train), seed=seed, reshuffle_each_iteration=True)
             .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 

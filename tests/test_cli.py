@@ -42,6 +42,7 @@ def _single_class_folder(root):
     ("unknown_variant", "unknown variant"),
     ("bad_epochs", "epochs must be at least 1"),
     ("bad_option", "invalid value"),
+    ("bad_augment", "augment must be one of auto, flip, none"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(tmp_path, tiny_model_path, case, expected):
     args = {
@@ -55,6 +56,7 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path, tiny_model_path, case, 
         "unknown_variant": ["--variants", "float32,int9"],
         "bad_epochs": ["--epochs", "0"],
         "bad_option": ["--set", "prune_sparsity=lots"],
+        "bad_augment": ["--set", "augment=rotate"],
     }[case]
     if case == "corrupt_model":
         (tmp_path / "broken.h5").write_bytes(tiny_model_path.read_bytes()[:500])

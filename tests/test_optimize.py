@@ -313,3 +313,10 @@ def test_a_failed_prefix_fails_its_recipes_with_its_reason(dataset, config, tmp_
         stages.optimize(ctx, "prune+cluster+qat")
     records = {p.name for p in (tmp_path / "optimized").glob("*.json")}
     assert records == {"prune.json", "prune+cluster.json", "prune+cluster+qat.json"}
+
+
+def test_flips_only_where_they_keep_the_label():
+    assert PipelineConfig().flips  # Fashion-MNIST: clothes are left-right symmetric
+    assert not PipelineConfig(dataset="digits.npz").flips  # a flipped digit is another class
+    assert PipelineConfig(dataset="my_photos", augment="flip").flips
+    assert not PipelineConfig(augment="none").flips

@@ -70,7 +70,7 @@ def finetune(model, dataset, config, *, learning_rate: float, from_logits: bool,
     compile_classifier(model, cosine_schedule(learning_rate, epochs, steps),
                        from_logits=from_logits)
     fit(model, dataset, epochs=epochs, batch_size=config.batch_size, callbacks=callbacks,
-        augment=config.flips, seed=config.seed)
+        seed=config.seed)  # no flips: they did not help these short fine-tunings
 
 
 def outputs_probabilities(model) -> bool:

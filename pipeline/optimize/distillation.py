@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import optimize
 from pipeline.models import build_cnn, count_macs, tf_keras
-from pipeline.train import cosine_schedule, flipped_batches
+from pipeline.train import cosine_schedule
 
 NAME = "distill"
 
@@ -75,15 +75,10 @@ def fit_to_teacher(student, teacher, dataset, config, *, epochs: int, learning_r
     steps = math.ceil(len(dataset.x_train) / config.batch_size)
     student.compile(optimizer=keras.optimizers.Adam(cosine_schedule(learning_rate, epochs, steps)),
                     loss=distillation_loss, metrics=[accuracy])
-    targets = _targets(teacher, dataset.x_train, dataset.y_train)
-    if config.flips:  # the teacher's view of each flipped image, computed once as well
-        flipped = np.ascontiguousarray(dataset.x_train[:, :, ::-1])
-        train = {"x": flipped_batches(dataset.x_train, targets, batch_size=config.batch_size,
-                                      seed=config.seed,
-                                      y_flipped=_targets(teacher, flipped, dataset.y_train))}
-    else:
-        train = {"x": dataset.x_train, "y": targets, "batch_size": config.batch_size,
-                 "shuffle": True}
+    # No flips here (unlike the baseline's training): in our runs the half-width student learned
+    # less within its epoch budget from flipped images (-2.0 pts against -1.5 without).
+    train = {"x": dataset.x_train, "y": _targets(teacher, dataset.x_train, dataset.y_train),
+             "batch_size": config.batch_size, "shuffle": True}
     student.fit(**train, epochs=epochs, verbose=2, callbacks=list(callbacks),
                 validation_data=(dataset.x_val, _targets(teacher, dataset.x_val, dataset.y_val)))
 
