@@ -8,8 +8,9 @@ so clustering can keep pruning's zeros and QAT can keep both. `apply` returns th
 ready for TFLite conversion: TF-MOT's training wrappers are stripped, except QAT's, which the
 converter needs to produce int8 kernels.
 
-`apply_recipe` runs a recipe such as "prune+cluster+qat" on a fresh copy of the base model, saves
-the result and returns small JSON-able figures. `TECHNIQUES` maps recipe names to modules: a new
+`apply_recipe` runs a recipe such as "prune+cluster+qat" on a fresh copy of the base model (or
+continues from a saved shorter recipe, e.g. the "prune+cluster" model), saves the result and
+returns small JSON-able figures. `TECHNIQUES` maps recipe names to modules: a new
 technique is one module plus one line there (and its place in variants.OPTIMIZATION_ORDER).
 
 TensorFlow and TF-MOT are imported inside functions: importing this package stays cheap (the
