@@ -51,7 +51,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
         raise optimize.TechniqueError(
             f"{NAME}: model {model.name!r} has no Conv/Dense layer worth pruning"
             + (" (2:4 needs input channels in multiples of 4)" if config.prune_structured else ""))
-    epochs = max(1, config.prune_epochs)
+    epochs = config.prune_epochs  # validated: at least 1
     steps = epochs * math.ceil(len(dataset.x_train) / config.batch_size)
     targets_by_layer = layer_sparsity(model, targets, config)
 
