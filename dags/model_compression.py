@@ -134,14 +134,15 @@ def model_compression():
         from pipeline import stages
         return stages.recipes(variants)
 
-    @task
+    # Training-type tasks go to the `training` queue (e.g. GPU workers), the rest to `default`.
+    @task(queue="training")
     def train() -> dict:
         from pipeline import stages
         context = get_current_context()
         tags = {"airflow_dag_id": context["dag"].dag_id, "airflow_run_id": context["run_id"]}
         return _input_errors_fail_fast(stages.train, _config_values(context), context["run_id"], tags)
 
-    @task(max_active_tis_per_dagrun=1)  # fine-tuning saturates the cores; one at a time per run
+    @task(queue="training", max_active_tis_per_dagrun=1)  # fine-tuning saturates a worker's cores
     def optimize(ctx: dict, recipe: str) -> dict:
         from pipeline import stages
         from pipeline.optimize import TechniqueError  # the model has a layer it cannot handle

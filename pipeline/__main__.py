@@ -52,15 +52,22 @@ def main(argv=None) -> int:
         return 130
 
 
-def run(args) -> int:
-    from pipeline.config import PipelineConfig
-
+def settings_from_args(args) -> dict:
+    """The settings the user gave: the options, then each --set NAME=VALUE (one parser for the
+    command line and `make run`)."""
     values = {k: v for k, v in vars(args).items() if k not in ("command", "set") and v is not None}
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep:
             raise PipelineInputError(f"--set {item!r}: expected NAME=VALUE")
         values[name.strip().replace("-", "_")] = value
+    return values
+
+
+def run(args) -> int:
+    from pipeline.config import PipelineConfig
+
+    values = settings_from_args(args)
     config = PipelineConfig.from_mapping(values)  # validates before anything heavy starts
     import_tensorflow_quietly()
     return run_pipeline(config.to_dict(), f"cli-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}")

@@ -42,6 +42,8 @@ class Measurement:
     num_threads: int
     runs: int
     runtime: str = "compiled"
+    # Why the CompiledModel refused the model when `runtime` fell back to "interpreter".
+    fallback_reason: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,24 +83,25 @@ def measure(model_path: str | Path, *, runs: int = 200, warmup: int = 20, num_th
             timeout: float = 600.0, runtime: str = "compiled") -> Measurement:
     """Measure in a fresh subprocess; raises RuntimeError with the child's error if it fails.
 
-    `runtime="compiled"` falls back to the interpreter for a model the CompiledModel refuses (the
-    result's `runtime` says which one measured it)."""
+    `runtime="compiled"` falls back to the interpreter for a model the CompiledModel refuses: the
+    result's `runtime` says which one measured it and `fallback_reason` why (e.g. int16x8, which
+    XNNPACK does not run: the interpreter's built-in kernels do)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
-    figures = None
+    figures = fallback_reason = None
     if runtime == "compiled":
         with tempfile.TemporaryDirectory(prefix="xnnpack-weights-") as cache_dir:
             options = ["--runtime", "compiled", "--weight-cache", os.path.join(cache_dir, "weights.cache")]
             try:
                 _run_child(model_path, 1, 0, num_threads, options, timeout)  # packs the weight cache
                 figures = _run_child(model_path, runs, warmup, num_threads, options, timeout)
-            except RuntimeError:
-                runtime = "interpreter"
+            except RuntimeError as error:
+                runtime, fallback_reason = "interpreter", str(error)
     if figures is None:
         figures = _run_child(model_path, runs, warmup, num_threads, ["--runtime", "interpreter"], timeout)
     return Measurement(size_bytes=Path(model_path).stat().st_size,
                        gzip_size_bytes=gzip_size(model_path), runs=runs, num_threads=num_threads,
-                       runtime=runtime, **figures)
+                       runtime=runtime, fallback_reason=fallback_reason, **figures)
 
 
 def _run_child(model_path, runs: int, warmup: int, num_threads: int, options: list[str],

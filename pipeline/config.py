@@ -18,6 +18,12 @@ OBJECTIVES = ("gzip_size", "latency", "memory")
 AUGMENTATIONS = ("auto", "flip", "none")
 
 
+def work_dir() -> Path:
+    """This machine's scratch and cache folder (`PIPELINE_WORK_DIR`, default .work/). A setting of
+    the worker, not of the run: each worker has its own, and no task reads another's."""
+    return Path(os.environ.get("PIPELINE_WORK_DIR") or PROJECT_ROOT / ".work")
+
+
 @dataclass
 class PipelineConfig:
     # Data and model
@@ -56,9 +62,8 @@ class PipelineConfig:
     objective: str = "gzip_size"
     champion_accuracy_tolerance_pts: float = 0.1
     registered_model_name: str = "fashion-mnist-classifier"
-    # Tracking and files
+    # Tracking
     experiment: str = "model-compression"
-    work_dir: str = str(PROJECT_ROOT / ".work")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -10,8 +10,8 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
+from pipeline import artifacts
 from pipeline.config import PROJECT_ROOT, PipelineConfig
 from pipeline.errors import PipelineInputError
 
@@ -30,25 +30,28 @@ def load_dag(dag_id: str = DAG_ID):
 
 def run_dag(conf: dict) -> tuple[object, dict | None]:
     """Run the DAG once with `conf`; returns (dag_run, the context `train` produced or None)."""
-    from pipeline import stages
     dag = load_dag()
     dag_run = dag.test(run_conf=conf)
-    config = PipelineConfig.from_mapping(conf)
-    ctx_path = stages.run_dir_for(config, dag_run.run_id) / "context.json"
-    import json
-    ctx = json.loads(ctx_path.read_text()) if ctx_path.exists() else None
-    return dag_run, ctx
+    return dag_run, _train_context(dag_run)
+
+
+def _train_context(dag_run) -> dict | None:
+    """The run context `train` returned (its XCom), or None when it did not finish."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    with create_session() as session:
+        row = session.scalars(XComModel.get_many(run_id=dag_run.run_id, key="return_value",
+                                                 task_ids="train", dag_ids=DAG_ID)).first()
+        return None if row is None else XComModel.deserialize_value(row)
 
 
 def main(argv=None) -> int:
-    from pipeline.__main__ import build_parser, summary_footer
+    from pipeline.__main__ import build_parser, settings_from_args, summary_footer
+    from pipeline.stages import REGISTER_RECORD, SELECTION_RECORD
 
     args = build_parser().parse_args(["run", *(argv if argv is not None else sys.argv[1:])])
     try:
-        values = {k: v for k, v in vars(args).items() if k not in ("command", "set") and v is not None}
-        for item in args.set:
-            name, _, value = item.partition("=")
-            values[name.strip().replace("-", "_")] = value
+        values = settings_from_args(args)
         config = PipelineConfig.from_mapping(values)
     except PipelineInputError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -62,15 +65,10 @@ def main(argv=None) -> int:
     if ctx is None:
         print("the run stopped before training finished: see the task log above", file=sys.stderr)
         return 1
-    report = Path(ctx["run_dir"]) / "report" / "summary.md"
-    outcome_path = Path(ctx["run_dir"]) / "register.json"
-    import json
-    selected = json.loads((Path(ctx["run_dir"]) / "select.json").read_text()) \
-        if (Path(ctx["run_dir"]) / "select.json").exists() else None
-    if report.exists():
-        print(report.read_text())
+    selected = artifacts.load_json(ctx["parent_run_id"], SELECTION_RECORD)
     if selected is not None:
-        outcome = json.loads(outcome_path.read_text()) if outcome_path.exists() else {
+        print(selected["summary_markdown"])
+        outcome = artifacts.load_json(ctx["parent_run_id"], REGISTER_RECORD) or {
             "skipped": True, "reason": "register did not run"}
         print(summary_footer(ctx, selected, outcome, time.perf_counter() - started))
     print(f"Airflow: AIRFLOW_HOME={os.environ.get('AIRFLOW_HOME')}; see every task's log there, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.variants import QUANTIZATION_MODES
+from pipeline.variants import CONVERTER_MODES
 
 
 class ConversionError(RuntimeError):
@@ -26,8 +26,9 @@ def configure(converter, mode: str, representative_data=None, *, qat: bool = Fal
     """Set the converter up for `mode`. `representative_data` is a generator function yielding
     [batch] lists (needed by int8 and int16x8, except for QAT models which carry their ranges)."""
     import tensorflow as tf
-    if mode not in QUANTIZATION_MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}")
+    if mode not in CONVERTER_MODES:
+        raise ValueError(f"{mode!r} is not a converter mode (one of {', '.join(CONVERTER_MODES)}); "
+                         f"int4 and mixed come from pipeline.litert_quantizer")
     if mode == "float32":
         return converter
     converter.optimizations = [tf.lite.Optimize.DEFAULT]

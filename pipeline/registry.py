@@ -131,6 +131,7 @@ def register_champion(selection: Selection | dict,
                       config: "PipelineConfig", *, parent_run_id: str,
                       airflow_run_id: str | None = None, dataset_path: str | Path | None = None,
                       input_example: Any = None, class_names: list[str] | None = None,
+                      extra_tags: dict[str, str] | None = None,
                       client: MlflowClient | None = None) -> dict[str, Any]:
     """Register the selection's champion variant as a new version of
     `config.registered_model_name`, alias it `challenger`, and move `champion` to it when there is
@@ -142,6 +143,7 @@ def register_champion(selection: Selection | dict,
     run's `model/model.tflite` when that file is not on this machine (another worker wrote it).
     Its input example and class names come from `input_example` / `class_names`, else from the
     prepared dataset at `dataset_path` (a few test images, the dataset's class names).
+    `extra_tags` go onto the new version too (e.g. the URI of the float model it came from).
     `client` must talk to the same tracking server as the fluent API.
 
     Returns {"name", "version", "aliases", "champion_version", "decision", "model_uri", "reused"},
@@ -168,6 +170,7 @@ def register_champion(selection: Selection | dict,
                 "gates_passed": str(selection.champion in selection.passed).lower()}
         if airflow_run_id:
             tags["airflow_run_id"] = airflow_run_id
+        tags.update(extra_tags or {})
         tags.update({k: str(result[k]) for k in METRIC_TAGS if result.get(k) is not None})
         if dataset_path is not None and (input_example is None or class_names is None):
             from pipeline.data import Dataset  # registration only; the served model needs no data

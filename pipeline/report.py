@@ -16,7 +16,8 @@ COLUMNS = ("variant", "accuracy", "delta (pts)", "size", "gzip size", "ratio", "
            "latency p50 (ms)", "peak mem (MB)", "gates", "pareto", "champion")
 ERROR_CHARS = 80
 # One marker shape per quantization mode in the plot.
-MARKERS = {"float32": "o", "dynamic": "s", "float16": "^", "int8": "D", "int16x8": "v"}
+MARKERS = {"float32": "o", "dynamic": "s", "float16": "^", "int8": "D", "int16x8": "v", "int4": "X",
+           "mixed": "*"}
 
 
 def ordered(results: list[dict[str, Any]], selection: Selection) -> list[dict[str, Any]]:

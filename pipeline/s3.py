@@ -180,7 +180,7 @@ def _ensure(endpoint: Endpoint, bucket: str) -> bool:
     """True when this call created the bucket, False when it was there."""
     from botocore.exceptions import ClientError
     s3 = endpoint.client()
-    with _translated_errors(endpoint, bucket):
+    with translated_errors(endpoint, bucket):
         if _bucket_exists(s3, bucket):
             return False
         arguments: dict[str, Any] = {"Bucket": bucket}
@@ -211,7 +211,7 @@ def _bucket_exists(s3, bucket: str) -> bool:
         raise
 
 
-class _translated_errors:
+class translated_errors:
     """Turn botocore's connection and credential errors into one line naming the endpoint."""
 
     def __init__(self, endpoint: Endpoint, bucket: str):

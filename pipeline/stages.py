@@ -1,26 +1,34 @@
 """The pipeline's stages as plain functions of small JSON in, small JSON out.
 
 Airflow tasks (dags/) and the command line (`python -m pipeline run`) call the same functions.
-A stage receives the run context `ctx` (paths, ids, the config as a dict) that `train` creates,
-and returns JSON-able dicts; models and arrays travel as files in the run's work folder and as
-MLflow artifacts, never through XCom.
+A stage receives the run context `ctx` that `train` creates (ids, the config as a dict, the URIs
+of the run's files) and returns JSON-able dicts. Files travel between stages through the run's
+artifact store (`pipeline.artifacts`: URIs in, a local cached copy out), never as a path on the
+disk of the worker that wrote them: each stage may run on another machine. A stage's own files
+go to this machine's scratch folder, `local_run_dir(pipeline_run_id)`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
+import shutil
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline import tracking
-from pipeline.config import PipelineConfig
+from pipeline import artifacts, tracking
+from pipeline.files import save_array, write_json, write_text
+from pipeline.config import PipelineConfig, work_dir
 from pipeline.errors import PipelineInputError
 from pipeline.variants import parse_variant, parse_variants
 
 log = logging.getLogger("pipeline")
+
+BASELINE_FOLDER = f"{artifacts.EXCHANGE}/baseline"
+TRAIN_FOLDER = f"{artifacts.EXCHANGE}/train"
+OPTIMIZED_FOLDER = f"{artifacts.EXCHANGE}/optimized"
 
 
 class VariantFailed(RuntimeError):
@@ -31,9 +39,10 @@ def config_of(ctx: dict) -> PipelineConfig:
     return PipelineConfig.from_mapping(ctx["config"], use_env=False)
 
 
-def run_dir_for(config: PipelineConfig, pipeline_run_id: str) -> Path:
+def local_run_dir(pipeline_run_id: str) -> Path:
+    """This machine's scratch folder for one pipeline run (a cache: nothing else reads it)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", pipeline_run_id)
-    return Path(config.work_dir) / safe
+    return work_dir() / safe
 
 
 def recipes(variant_names: list[str]) -> list[str]:
@@ -48,24 +57,29 @@ def recipes(variant_names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------- train
 def train(config_values: dict[str, Any], pipeline_run_id: str,
           tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Validate the input, train (or load) the model, and measure the float32 TFLite reference."""
+    """Fetch and validate the input, train (or load) the model, and measure the float32 TFLite
+    reference; every file later stages need goes to the run's artifact store."""
     from pipeline import models
     from pipeline.data import load_dataset
     from pipeline.evaluate import evaluate_tflite
+    from pipeline.inputs import fetch_input
     from pipeline.quantize import convert
 
     config = PipelineConfig.from_mapping(config_values)
-    run_dir = run_dir_for(config, pipeline_run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = local_run_dir(pipeline_run_id)
+    inputs = run_dir / "input"
+    shutil.rmtree(inputs, ignore_errors=True)  # a retry fetches the inputs afresh
 
     input_shape = num_classes = None
-    kind = None
-    user_model = None
+    kind = user_model = model_file = None
     if config.model_path:
-        kind = models.model_kind(config.model_path)
-        user_model = models.load_model(config.model_path, allow_unsafe=config.allow_unsafe_model)
-        input_shape, num_classes = models.io_shape(user_model, config.model_path)
-    dataset = load_dataset(config.dataset, input_shape=input_shape, num_classes=num_classes,
+        model_file = fetch_input(config.model_path, inputs / "model", "model")
+        kind = models.model_kind(model_file)
+        user_model = models.load_model(model_file, allow_unsafe=config.allow_unsafe_model)
+        input_shape, num_classes = models.io_shape(user_model, model_file)
+    dataset_source = config.dataset if config.dataset == "fashion-mnist" else \
+        str(fetch_input(config.dataset, inputs / "dataset", "dataset"))
+    dataset = load_dataset(dataset_source, input_shape=input_shape, num_classes=num_classes,
                            train_limit=config.train_limit, test_limit=config.test_limit,
                            validation_fraction=config.validation_fraction, seed=config.seed)
     for note in dataset.notes:
@@ -86,51 +100,58 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
         tags={k: v for k, v in (tags or {}).items() if v})
 
     if user_model is None:
-        model = _train_or_reuse(dataset, config, run_dir)
-        base_model_path, kind = str(run_dir / "baseline.keras"), "tf_keras"
+        model, base_model_uri = _train_or_reuse(dataset, config, run_dir, parent_run_id)
+        kind = "tf_keras"
     else:
-        model, base_model_path = user_model, str(Path(config.model_path).expanduser().resolve())
+        model, base_model_uri = user_model, artifacts.store(parent_run_id, model_file,
+                                                            BASELINE_FOLDER)
 
-    keras_predictions = run_dir / "keras_predictions" / "baseline.npy"
-    _save_array(keras_predictions, models.predict_classes(model, dataset.x_test))
-    source = {"saved_model_dir": base_model_path} if kind == "saved_model" else {"model": model}
-    reference_path = convert("float32", run_dir / "reference" / "float32.tflite", **source)
     import numpy as np
+    keras_predictions = models.predict_classes(model, dataset.x_test)
+    predictions_path = run_dir / "keras_predictions" / "baseline.npy"
+    save_array(predictions_path, keras_predictions)
+    source = {"saved_model_dir": str(model_file)} if kind == "saved_model" else {"model": model}
+    reference_path = convert("float32", run_dir / "reference" / "float32.tflite", **source)
     reference = evaluate_tflite(str(reference_path), dataset.x_test, dataset.y_test,
-                                dataset.class_names, np.load(keras_predictions))
-    keras_accuracy = float((np.load(keras_predictions) == dataset.y_test).mean())
+                                dataset.class_names, keras_predictions)
+    keras_accuracy = float(np.mean(keras_predictions == dataset.y_test))
     tracking.log_metrics(parent_run_id, {
         "keras_accuracy": keras_accuracy, "reference_accuracy": reference.accuracy,
         "reference_size_bytes": reference_path.stat().st_size})
     log.info("baseline: Keras accuracy %.4f, float32 TFLite accuracy %.4f, %d bytes",
              keras_accuracy, reference.accuracy, reference_path.stat().st_size)
     ctx = {
-        "pipeline_run_id": pipeline_run_id, "run_dir": str(run_dir),
+        "pipeline_run_id": pipeline_run_id,
         "parent_run_id": parent_run_id, "experiment": config.experiment,
-        "config": config.to_dict(), "dataset_path": str(dataset_path),
-        "base_model_path": base_model_path, "base_model_kind": kind,
-        "reference": {"tflite_path": str(reference_path), "accuracy": reference.accuracy,
+        "config": config.to_dict(),
+        "dataset_uri": artifacts.store(parent_run_id, dataset_path, TRAIN_FOLDER),
+        "base_model_uri": base_model_uri, "base_model_kind": kind,
+        "reference": {"tflite_uri": artifacts.store(parent_run_id, reference_path, TRAIN_FOLDER),
+                      "accuracy": reference.accuracy,
                       "size_bytes": reference_path.stat().st_size,
                       "keras_accuracy": keras_accuracy},
-        "keras_predictions": {"": str(keras_predictions)},
+        "keras_predictions": {"": artifacts.store(parent_run_id, predictions_path, TRAIN_FOLDER)},
     }
-    _write_json(run_dir / "context.json", ctx)
+    write_json(run_dir / "context.json", ctx)  # for people and benchmarks on this machine
     return ctx
 
 
-def _train_or_reuse(dataset, config: PipelineConfig, run_dir: Path):
-    """Train the default CNN, or reuse the one a previous attempt of this run saved (retries)."""
+def _train_or_reuse(dataset, config: PipelineConfig, run_dir: Path, parent_run_id: str):
+    """Train the default CNN and store it, or reuse the one an earlier attempt of this run
+    stored (a retry, possibly on another worker). Returns (model, its URI)."""
     from pipeline.models import tf_keras
     from pipeline.train import train_baseline
-    path = run_dir / "baseline.keras"
-    if path.exists():
-        log.info("reusing the baseline trained by an earlier attempt: %s", path)
-        return tf_keras().models.load_model(str(path), compile=False)
+    stored = f"{BASELINE_FOLDER}/baseline.keras"
+    if artifacts.exists(parent_run_id, stored):
+        uri = artifacts.uri_of(parent_run_id, stored)
+        log.info("reusing the baseline trained by an earlier attempt: %s", uri)
+        return tf_keras().models.load_model(str(artifacts.fetch(uri)), compile=False), uri
     model = train_baseline(dataset, config)
+    path = run_dir / "baseline.keras"
     tmp = run_dir / "baseline.tmp.keras"
     model.save(str(tmp))
     os.replace(tmp, path)
-    return model
+    return model, artifacts.store(parent_run_id, path, BASELINE_FOLDER)
 
 
 # ------------------------------------------------------------------------------------ optimize
@@ -139,23 +160,26 @@ def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
 
     A collaborative recipe continues from its prefix's model ('prune+cluster' from 'prune'),
     training and recording that prefix first when no task has yet; the prefix's own task then
-    finds its record and returns it. A failed prefix fails the recipe with the prefix's error."""
+    finds its record and returns it. A failed prefix fails the recipe with the prefix's error.
+    The record (`exchange/optimized/<recipe>.json` of the parent run) holds the URIs of the
+    model and of its test-set predictions."""
     from pipeline.data import Dataset
     from pipeline.optimize import TechniqueError, apply_recipe, parse_recipe
 
-    record = _recipe_record_path(ctx, recipe)
-    if record.exists():
-        done = json.loads(record.read_text())
-        if "error" not in done and Path(done["model_path"]).exists():
-            return done
+    parent = ctx["parent_run_id"]
+    record = _recipe_record(recipe)
+    done = artifacts.load_json(parent, record)
+    if done is not None and "error" not in done:
+        return done
     config = config_of(ctx)
+    out_dir = local_run_dir(ctx["pipeline_run_id"]) / "optimized" / _safe(recipe)
     try:
         techniques = parse_recipe(recipe)
         start = None
         if len(techniques) > 1:
             prefix = "+".join(techniques[:-1])
             try:
-                start = (prefix, optimize(ctx, prefix)["model_path"])
+                start = (prefix, str(artifacts.fetch(optimize(ctx, prefix)["model_uri"])))
             except Exception as error:
                 if getattr(error, "failed_step", None):  # it already names the step at fault
                     raise
@@ -164,22 +188,29 @@ def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
                 failed = kind(f"its first step {prefix!r} failed: {_one_line(error)}")
                 failed.failed_step = prefix
                 raise failed from error
-        result = apply_recipe(recipe, ctx["base_model_path"], Dataset.load(ctx["dataset_path"]),
-                              config, str(record.parent / _safe(recipe)), start=start)
+        result = apply_recipe(recipe, str(artifacts.fetch(ctx["base_model_uri"])),
+                              Dataset.load(artifacts.fetch(ctx["dataset_uri"])), config,
+                              str(out_dir), start=start)
     except Exception as error:
-        _write_json(record, {"recipe": recipe, "error": _one_line(error)})
+        artifacts.store_json(parent, {"recipe": recipe, "error": _one_line(error)}, record)
         raise
-    _write_json(record, result)
+    # A fresh folder per attempt: a URI, once handed on, always names the same files.
+    folder = f"{OPTIMIZED_FOLDER}/{_safe(recipe)}/{uuid.uuid4().hex[:8]}"
+    result["model_uri"] = artifacts.store(parent, result.pop("model_path"), folder)
+    result["keras_predictions_uri"] = artifacts.store(
+        parent, result.pop("keras_predictions_path"), folder)
+    artifacts.store_json(parent, result, record)
     return result
 
 
-def _recipe_record_path(ctx: dict, recipe: str) -> Path:
-    return Path(ctx["run_dir"]) / "optimized" / f"{_safe(recipe)}.json"
+def _recipe_record(recipe: str) -> str:
+    return f"{OPTIMIZED_FOLDER}/{_safe(recipe)}.json"
 
 
 # ------------------------------------------------------------------------- per-variant stages
 def quantize(ctx: dict, variant_name: str) -> dict[str, Any]:
-    """Convert the variant's source model; creates the variant's child run."""
+    """Convert the variant's source model; creates the variant's child run and stores the
+    .tflite as its artifact `model/model.tflite`."""
     variant = parse_variant(variant_name)
     run_id = tracking.child_run(ctx["parent_run_id"], variant.tags())
     with _variant_failure(run_id, variant.name):
@@ -187,17 +218,18 @@ def quantize(ctx: dict, variant_name: str) -> dict[str, Any]:
         from pipeline.quantize import convert
         config = config_of(ctx)
         source, recipe_info = _conversion_source(ctx, variant.recipe)
-        dataset = Dataset.load(ctx["dataset_path"])
         calibration = None
         if variant.quantization in ("int8", "int16x8"):
+            dataset = Dataset.load(artifacts.fetch(ctx["dataset_uri"]))
             calibration = dataset.calibration_batches(config.calibration_samples, config.seed)
-        out = Path(ctx["run_dir"]) / "variants" / _safe(variant.name) / "model.tflite"
+        out = (local_run_dir(ctx["pipeline_run_id"]) / "variants" / _safe(variant.name)
+               / "model.tflite")
         convert(variant.quantization, out, representative_data=calibration,
                 qat="qat" in variant.optimizations, **source)
-        tracking.log_artifact(run_id, out, "model")
+        tflite_uri = artifacts.store(run_id, out, "model")
         tracking.set_tags(run_id, {"recipe": variant.recipe})
-        return {"variant": variant.name, "child_run_id": run_id, "tflite_path": str(out),
-                "keras_predictions_path": recipe_info.get("keras_predictions_path")
+        return {"variant": variant.name, "child_run_id": run_id, "tflite_uri": tflite_uri,
+                "keras_predictions_uri": recipe_info.get("keras_predictions_uri")
                 or ctx["keras_predictions"][""], **variant.tags()}
 
 
@@ -209,10 +241,10 @@ def evaluate(ctx: dict, quantized: dict) -> dict[str, Any]:
 
         from pipeline.data import Dataset
         from pipeline.evaluate import evaluate_tflite
-        dataset = Dataset.load(ctx["dataset_path"])
-        keras_predictions = np.load(quantized["keras_predictions_path"])
-        evaluation = evaluate_tflite(quantized["tflite_path"], dataset.x_test, dataset.y_test,
-                                     dataset.class_names, keras_predictions)
+        dataset = Dataset.load(artifacts.fetch(ctx["dataset_uri"]))
+        keras_predictions = np.load(artifacts.fetch(quantized["keras_predictions_uri"]))
+        evaluation = evaluate_tflite(str(artifacts.fetch(quantized["tflite_uri"])), dataset.x_test,
+                                     dataset.y_test, dataset.class_names, keras_predictions)
         delta = (evaluation.accuracy - ctx["reference"]["accuracy"]) * 100.0
         metrics = {"accuracy": evaluation.accuracy, "accuracy_delta_pts": delta,
                    "keras_agreement": evaluation.keras_agreement}
@@ -227,7 +259,8 @@ def benchmark(ctx: dict, evaluated: dict) -> dict[str, Any]:
     with _variant_failure(run_id, evaluated["variant"]):
         from pipeline.benchmark import measure, weight_stats
         config = config_of(ctx)
-        measurement = measure(evaluated["tflite_path"], runs=config.latency_runs,
+        tflite_path = artifacts.fetch(evaluated["tflite_uri"])
+        measurement = measure(tflite_path, runs=config.latency_runs,
                               warmup=config.latency_warmup, num_threads=1)
         reference_bytes = ctx["reference"]["size_bytes"]
         metrics = {
@@ -238,7 +271,7 @@ def benchmark(ctx: dict, evaluated: dict) -> dict[str, Any]:
             "latency_ms_p50": measurement.latency_ms_p50,
             "latency_ms_p90": measurement.latency_ms_p90,
             "peak_memory_mb": measurement.peak_memory_mb,
-            **weight_stats(evaluated["tflite_path"]),
+            **weight_stats(tflite_path),
         }
         tracking.log_metrics(run_id, metrics)
         tracking.set_tags(run_id, {"status": "ok"})
@@ -249,19 +282,18 @@ def benchmark(ctx: dict, evaluated: dict) -> dict[str, Any]:
 def _conversion_source(ctx: dict, recipe: str) -> tuple[dict, dict]:
     """Keyword arguments for quantize.convert: the baseline or the recipe's optimized model."""
     if not recipe:
+        base = artifacts.fetch(ctx["base_model_uri"])
         if ctx["base_model_kind"] == "saved_model":
-            return {"saved_model_dir": ctx["base_model_path"]}, {}
+            return {"saved_model_dir": str(base)}, {}
         from pipeline.models import load_model
-        config = config_of(ctx)
-        return {"model": load_model(ctx["base_model_path"], config.allow_unsafe_model)}, {}
-    record = _recipe_record_path(ctx, recipe)
-    if not record.exists():
+        return {"model": load_model(base, config_of(ctx).allow_unsafe_model)}, {}
+    info = artifacts.load_json(ctx["parent_run_id"], _recipe_record(recipe))
+    if info is None:
         raise VariantFailed(f"optimization {recipe!r} produced no model (its task did not run)")
-    info = json.loads(record.read_text())
     if "error" in info:
         raise VariantFailed(f"optimization {recipe!r} failed: {info['error']}")
     from pipeline.optimize import load_optimized
-    return {"model": load_optimized(info["model_path"])}, info
+    return {"model": load_optimized(artifacts.fetch(info["model_uri"]))}, info
 
 
 class _variant_failure:
@@ -299,13 +331,70 @@ def results_of(ctx: dict) -> list[dict[str, Any]]:
             result.update(status="failed", error="did not run (an upstream task failed)")
         elif run.info.status == "FINISHED" and run.data.tags.get("status") == "ok":
             result.update(run.data.metrics, status="ok", error=None,
-                          tflite_path=str(Path(ctx["run_dir"]) / "variants" / _safe(variant.name)
-                                          / "model.tflite"))
+                          tflite_uri=f"runs:/{run.info.run_id}/model/model.tflite")
         else:
             result.update(run.data.metrics, status="failed",
                           error=run.data.tags.get("error", f"run ended {run.info.status.lower()}"))
         results.append(result)
     return results
+
+
+def select(ctx: dict) -> dict[str, Any]:
+    """Gate every variant, choose the champion, write and log the report on the parent run."""
+    from pipeline.report import pareto_plot, summary_markdown
+    from pipeline.select import choose
+
+    config = config_of(ctx)
+    results = results_of(ctx)
+    selection = choose(results, config)
+    run_dir = local_run_dir(ctx["pipeline_run_id"])
+    report_dir = run_dir / "report"
+    markdown = summary_markdown(results, selection)
+    write_text(report_dir / "summary.md", markdown)
+    ok = [r for r in results if r.get("status") == "ok"]
+    if ok:
+        pareto_plot(results, selection, report_dir / "pareto.png")
+    parent = ctx["parent_run_id"]
+    for name in ("summary.md", "pareto.png"):
+        if (report_dir / name).exists():
+            tracking.log_artifact(parent, report_dir / name, "report")
+    decision = selection.to_dict()
+    failed = [r["variant"] for r in results if r.get("status") != "ok"]
+    selected = {"selection": decision, "summary_markdown": markdown, "failed_variants": failed,
+                "variants_ok": len(ok), "variants_total": len(results)}
+    tracking.log_dict(parent, {**selected, "results": results}, SELECTION_RECORD)
+    tracking.set_tags(parent, {"champion_variant": selection.champion or "none",
+                               "selection_reason": selection.reason})
+    log.info("selection: %s", selection.reason)
+    write_json(run_dir / "select.json", selected)
+    return selected
+
+
+SELECTION_RECORD = "report/selection.json"
+REGISTER_RECORD = "report/register.json"
+
+
+def register(ctx: dict, selected: dict) -> dict[str, Any]:
+    """Register the champion as a servable pyfunc model version and move aliases; close the
+    parent run."""
+    from pipeline.inputs import FLOAT_MODEL_TAG
+    from pipeline.registry import register_champion
+    from pipeline.select import Selection
+
+    config = config_of(ctx)
+    selection = Selection.from_dict(selected["selection"])
+    results = {r["variant"]: r for r in results_of(ctx)}
+    outcome = register_champion(selection, results, config, parent_run_id=ctx["parent_run_id"],
+                                airflow_run_id=ctx["pipeline_run_id"],
+                                dataset_path=artifacts.fetch(ctx["dataset_uri"]),
+                                extra_tags={FLOAT_MODEL_TAG: ctx["base_model_uri"]})
+    tracking.set_tags(ctx["parent_run_id"], {
+        "registered_version": outcome.get("version", "none"),
+        "register_decision": outcome.get("decision") or outcome.get("reason", "")})
+    tracking.log_dict(ctx["parent_run_id"], outcome, REGISTER_RECORD)
+    tracking.finish_run(ctx["parent_run_id"])
+    write_json(local_run_dir(ctx["pipeline_run_id"]) / "register.json", outcome)
+    return outcome
 
 
 # --------------------------------------------------------------------------------- utilities
@@ -320,74 +409,3 @@ def _one_line(error: BaseException) -> str:
     if isinstance(error, (PipelineInputError, VariantFailed)) and first:
         return first[:500]
     return f"{type(error).__name__}: {first}"[:500]
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=2, default=str))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write, then rename: a crash never leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _save_array(path: Path, array) -> None:
-    import numpy as np
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def select(ctx: dict) -> dict[str, Any]:
-    """Gate every variant, choose the champion, write and log the report on the parent run."""
-    from pipeline.report import pareto_plot, summary_markdown
-    from pipeline.select import choose
-
-    config = config_of(ctx)
-    results = results_of(ctx)
-    selection = choose(results, config)
-    report_dir = Path(ctx["run_dir"]) / "report"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    markdown = summary_markdown(results, selection)
-    _write_text(report_dir / "summary.md", markdown)
-    ok = [r for r in results if r.get("status") == "ok"]
-    if ok:
-        pareto_plot(results, selection, report_dir / "pareto.png")
-    parent = ctx["parent_run_id"]
-    for name in ("summary.md", "pareto.png"):
-        if (report_dir / name).exists():
-            tracking.log_artifact(parent, report_dir / name, "report")
-    decision = selection.to_dict()
-    tracking.log_dict(parent, {"selection": decision, "results": results}, "report/selection.json")
-    tracking.set_tags(parent, {"champion_variant": selection.champion or "none",
-                               "selection_reason": selection.reason})
-    failed = [r["variant"] for r in results if r.get("status") != "ok"]
-    log.info("selection: %s", selection.reason)
-    selected = {"selection": decision, "summary_markdown": markdown, "failed_variants": failed,
-                "variants_ok": len(ok), "variants_total": len(results)}
-    _write_json(Path(ctx["run_dir"]) / "select.json", selected)
-    return selected
-
-
-def register(ctx: dict, selected: dict) -> dict[str, Any]:
-    """Register the champion as a servable pyfunc model version and move aliases; close the
-    parent run."""
-    from pipeline.registry import register_champion
-    from pipeline.select import Selection
-
-    config = config_of(ctx)
-    selection = Selection.from_dict(selected["selection"])
-    results = {r["variant"]: r for r in results_of(ctx)}
-    outcome = register_champion(selection, results, config, parent_run_id=ctx["parent_run_id"],
-                                airflow_run_id=ctx["pipeline_run_id"],
-                                dataset_path=ctx["dataset_path"])
-    tracking.set_tags(ctx["parent_run_id"], {
-        "registered_version": outcome.get("version", "none"),
-        "register_decision": outcome.get("decision") or outcome.get("reason", "")})
-    tracking.finish_run(ctx["parent_run_id"])
-    _write_json(Path(ctx["run_dir"]) / "register.json", outcome)
-    return outcome

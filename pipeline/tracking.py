@@ -106,7 +106,7 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
     items = [Param(k, str(v)[:6000]) for k, v in params.items() if v is not None]
     if items:
-        _retry(lambda: client().log_batch(run_id, params=items))
+        retry(lambda: client().log_batch(run_id, params=items))
 
 
 def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
@@ -114,14 +114,14 @@ def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
     if items:
-        _retry(lambda: client().log_batch(run_id, metrics=items))
+        retry(lambda: client().log_batch(run_id, metrics=items))
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
     items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
     if items:
-        _retry(lambda: client().log_batch(run_id, tags=items))
+        retry(lambda: client().log_batch(run_id, tags=items))
 
 
 class ArtifactStoreError(RuntimeError):
@@ -131,16 +131,25 @@ class ArtifactStoreError(RuntimeError):
 def log_artifact(run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
     target = "/".join(p for p in (artifact_path, Path(local_path).name) if p)
     with explain_artifact_errors(target, run_id):
-        _retry(lambda: client().log_artifact(run_id, str(local_path), artifact_path))
+        retry(lambda: client().log_artifact(run_id, str(local_path), artifact_path))
+
+
+def log_artifacts(run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+    with explain_artifact_errors(artifact_path, run_id):
+        retry(lambda: client().log_artifacts(run_id, str(local_dir), artifact_path))
+
+
+def list_artifacts(run_id: str, folder: str | None = None) -> list:
+    return retry(lambda: client().list_artifacts(run_id, folder))
 
 
 def log_dict(run_id: str, data: Any, artifact_file: str) -> None:
     with explain_artifact_errors(artifact_file, run_id):
-        _retry(lambda: client().log_dict(run_id, data, artifact_file))
+        retry(lambda: client().log_dict(run_id, data, artifact_file))
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
-    _retry(lambda: client().set_terminated(run_id, status=status))
+    retry(lambda: client().set_terminated(run_id, status=status))
 
 
 def fail_run(run_id: str, error: str) -> None:
@@ -242,7 +251,7 @@ def _quote(value: str) -> str:
     return value.replace("'", "\\'")
 
 
-def _retry(action, attempts: int = 3, delay: float = 2.0):
+def retry(action, attempts: int = 3, delay: float = 2.0):
     """Ride out a brief tracking-server hiccup; a longer outage surfaces to Airflow's retries."""
     for attempt in range(attempts):
         try:

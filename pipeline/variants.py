@@ -1,6 +1,7 @@
 """Variant recipes: optimizations + one quantization mode, named per DESIGN.md.
 
-`prune+cluster-int8` = prune, then cluster, then full-integer int8 conversion.
+`prune+cluster-int8` = prune, then cluster, then full-integer int8 conversion;
+`prune+cluster-int4` = prune, then cluster, then float32 conversion and int4 quantization.
 """
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from dataclasses import dataclass
 
 from pipeline.errors import PipelineInputError
 
-QUANTIZATION_MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
+# Modes the TF converter produces from a Keras model or SavedModel (pipeline.quantize); LiteRT
+# Quantizer (pipeline.litert_quantizer) produces them from a float32 .tflite as well.
+CONVERTER_MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
+# Modes only LiteRT Quantizer produces, from the float32 .tflite: int4 weights (float
+# activations), and int4 with the most sensitive layers kept at int8 within an accuracy budget.
+QUANTIZER_MODES = ("int4", "mixed")
+QUANTIZATION_MODES = CONVERTER_MODES + QUANTIZER_MODES
 # The order in which optimizations are applied when combined (collaborative optimization).
 OPTIMIZATION_ORDER = ("distill", "prune", "cluster", "qat")
 # A QAT model is trained for int8 kernels; converting it to anything else throws the training away.

@@ -6,14 +6,20 @@ After pruning and/or clustering, collaborative optimization keeps their work thr
 prune-preserving (PQAT), cluster-preserving (CQAT) or both (PCQAT) quantization schemes.
 QAT works on `optimize.fuse_layers(model)`: without it, Dense+BatchNorm pairs convert to a broken
 int8 model and kernels followed by a ReLU layer get no weight quantizer (see there).
+Rescaling layers (pixel scaling inside the model, common in Keras 3 models translated by
+pipeline.keras3), which TF-MOT's QAT registry refuses, get their output quantized only.
 """
 from __future__ import annotations
 
 from pipeline import optimize
+from pipeline.models import flat_layers, tf_keras
 
 NAME = "qat"
 # QAT starts from a trained model and only adapts it to int8 rounding: a small rate.
 LEARNING_RATE_SCALE = 0.01
+# Weightless layers outside TF-MOT's QAT registry that are quantized at their output only (TFLite
+# runs a Rescaling as int8 MUL/ADD).
+OUTPUT_ONLY_LAYERS = ("Rescaling", "Normalization")
 
 
 def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
@@ -22,13 +28,55 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     quantization = tfmot.quantization.keras
     model = optimize.fuse_layers(model)
     from_logits = not optimize.outputs_probabilities(model)  # before wrapping hides the activation
-    with optimize.tfmot_errors(NAME):
-        annotated = quantization.quantize_annotate_model(model)
+    # quantize_scope: quantize_apply clones the annotated model, output-only configs included.
+    with optimize.tfmot_errors(NAME), quantization.quantize_scope():
+        _reserve_layer_names(model)
+        annotated = quantization.quantize_annotate_model(_annotate_output_only(model))
         quantized = quantization.quantize_apply(annotated, scheme(applied))
     optimize.finetune(quantized, dataset, config,
                       learning_rate=config.learning_rate * LEARNING_RATE_SCALE,
                       from_logits=from_logits)
     return quantized
+
+
+def _annotate_output_only(model):
+    """`model` with its OUTPUT_ONLY_LAYERS annotated to quantize their output alone (the model
+    itself when it has none)."""
+    import tensorflow_model_optimization as tfmot
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.default_8bit_quantize_configs import (  # noqa: E501
+        Default8BitOutputQuantizeConfig,
+    )
+
+    def output_only(layer) -> bool:
+        return type(layer).__name__ in OUTPUT_ONLY_LAYERS and not layer.weights
+
+    if not any(output_only(layer) for layer in model.layers):
+        return model
+
+    def annotate(layer):
+        if not output_only(layer):
+            return layer
+        return tfmot.quantization.keras.quantize_annotate_layer(
+            layer, quantize_config=Default8BitOutputQuantizeConfig())
+
+    return tf_keras().models.clone_model(model, clone_function=annotate)
+
+
+def _reserve_layer_names(model) -> None:
+    """Move tf_keras' automatic layer names past the names in `model`. TF-MOT's SeparableConv2D
+    transform splits that layer into an automatically named DepthwiseConv2D and Conv2D
+    ('conv2d', 'conv2d_1', ...) and then sets weights by layer name; in a model loaded from a file
+    (or translated from Keras 3) the counter never saw the existing names, so a new 'conv2d' could
+    take an existing layer's weights ("Shape mismatch")."""
+    from tf_keras.src import backend
+
+    uids = backend.get_default_graph_uid_map()
+    for layer in flat_layers(model):
+        base, _, number = layer.name.rpartition("_")
+        if not (base and number.isdigit()):
+            base, number = layer.name, "0"
+        key = ("", base)  # (namespace, name), as backend.unique_object_name counts them
+        uids[key] = max(uids[key], int(number) + 1)
 
 
 def scheme(applied: tuple[str, ...]):

@@ -1,0 +1,446 @@
+"""Quantization of any float32 .tflite through LiteRT Quantizer (`litert_quantizer`).
+
+The TF converter (pipeline.quantize) needs a Keras model or a SavedModel; this module needs only
+the converter's float32 output, so it serves every model source, a user's bare .tflite included:
+
+- `quantize_tflite(mode, ...)`: `int4` (int4 weights, float activations) and, for a model whose
+  only source is a .tflite, the converter's modes `dynamic`, `int8`, `int16x8`, `float16`.
+- `sensitivity(...)`: one row per weighted op: its output error and the model's output error
+  (SNR in dB, cosine similarity, from the quantizer's per-tensor validation) when that op alone
+  is quantized, on calibration images.
+- `quantize_mixed(...)`: int4 everywhere except the most sensitive ops, kept at int8 (or float),
+  the fewest that bring the accuracy within a budget of the float32 reference.
+
+int4 is dynamic-range ("DRQ"): int4 weights, float activations quantized on the fly by the kernel.
+The quantizer has int4 kernels for FULLY_CONNECTED, CONV_2D and EMBEDDING_LOOKUP; the other
+weighted ops (DEPTHWISE_CONV_2D, CONV_2D_TRANSPOSE, BATCH_MATMUL) get int8 weights, so no weight
+stays float32. Weight-only int4 (dequantize op, float kernels) was 2.7x slower than dynamic int4
+on the default CNN (DESIGN: 0.424 vs 0.156 ms) at the same size, so it is not offered.
+
+Channelwise int4 (one scale per output channel) is the default over blockwise (one scale per 32
+weights along the input axis; the quantizer offers it for FULLY_CONNECTED only, CONV_2D stays
+channelwise). Measured on the default CNN (Fashion-MNIST, float32 1,690,016 B, 91.77 %), batch
+1, one thread, `pipeline.benchmark.measure` (compiled runtime):
+  channelwise  214,128 B  91.30 % (-0.47 pts)  0.175 ms
+  block 32     299,424 B  91.68 % (-0.09 pts)  0.479 ms
+Blockwise pays a scale per 32 weights (+40 % bytes) and runs 2.7x slower for 0.4 pts, which the
+`mixed` mode buys more cheaply by keeping the one sensitive layer at int8 instead.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+MODES = ("dynamic", "float16", "int8", "int16x8", "int4")
+# Weighted ops, by the quantizer's names (the interpreter says TRANSPOSE_CONV).
+WEIGHT_OPERAND = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1,
+                  "CONV_2D_TRANSPOSE": 1, "BATCH_MATMUL": 1, "EMBEDDING_LOOKUP": 1}
+INTERPRETER_OP_NAMES = {"TRANSPOSE_CONV": "CONV_2D_TRANSPOSE"}
+# Ops the quantizer can give int4 dynamic weights.
+INT4_CAPABLE_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP", "CONV_2D")
+# The ones `int4` mode does (others get int8; see the module docstring for CONV_2D).
+INT4_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP")
+# Blockwise int4 exists for these only.
+INT4_BLOCKWISE_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP")
+BLOCK_SIZES = (32, 64, 128, 256)
+# Images fed to each validation in `sensitivity` (one batch: two interpreters per op).
+SENSITIVITY_IMAGES = 64
+# Threads for the quantizer's calibration and validation interpreters (its default is 16).
+NUM_THREADS = 2
+
+
+class QuantizerError(RuntimeError):
+    """LiteRT Quantizer cannot produce a runnable model for this mode (the message names the
+    mode, the model and the cause)."""
+
+
+@dataclass
+class WeightedOp:
+    """One op with a constant weight operand. `scope` is the quantizer's name for the op (its
+    output tensor names, each followed by ';'), used to address it in a recipe."""
+    name: str
+    op: str
+    weights: int
+    scope: str
+
+
+@dataclass
+class MixedResult:
+    """What `quantize_mixed` made: `layers` maps each weighted op's name to `int4`, `int8` or
+    `float32`; `trials` lists every model evaluated ({kept, accuracy, drop_pts}), in order."""
+    path: Path
+    layers: dict[str, str]
+    accuracy: float
+    reference_accuracy: float
+    max_drop_pts: float
+    within_budget: bool
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def drop_pts(self) -> float:
+        return (self.reference_accuracy - self.accuracy) * 100.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path), "drop_pts": self.drop_pts}
+
+
+def quantize_tflite(mode: str, float_tflite_path: str | Path, out_path: str | Path, *,
+                    calibration=None, block_size: int | None = None,
+                    int4_ops: tuple[str, ...] = INT4_OPS) -> Path:
+    """Quantize a float32 .tflite with `mode` and write `out_path` atomically; returns the path.
+
+    `calibration` (needed by `int8` and `int16x8`): float32 input batches (N, H, W, C) from the
+    dataset, as an iterable or a function returning one; items may also be [batch] lists, as
+    the converter's representative datasets yield. `block_size` (int4 only): blockwise int4
+    with that many weights per scale on ops that support it (default: channelwise, see the
+    module docstring); `int4_ops`: the op kinds given int4 weights (a subset of
+    INT4_CAPABLE_OPS; the other weighted ops get int8). Raises QuantizerError if the quantizer or
+    the runtime refuses the model.
+    """
+    if mode == "mixed":
+        raise ValueError("mixed mode needs an accuracy callback: call quantize_mixed()")
+    if mode not in MODES:
+        raise ValueError(f"unknown quantizer mode {mode!r}; one of {', '.join(MODES)}")
+    if block_size is not None and (mode != "int4" or block_size not in BLOCK_SIZES):
+        raise ValueError(f"block_size applies to int4 only, one of {BLOCK_SIZES}")
+    if not set(int4_ops) <= set(INT4_CAPABLE_OPS):
+        raise ValueError(f"int4_ops must be among {', '.join(INT4_CAPABLE_OPS)}")
+    float_tflite_path = Path(float_tflite_path)
+    ops = weighted_ops(float_tflite_path)
+    return _quantize(mode, float_tflite_path, out_path, calibration,
+                     lambda qt: _add_mode(qt, mode, block_size=block_size, int4_ops=int4_ops), ops)
+
+
+def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=None) -> list[dict]:
+    """Per weighted op: how much quantizing that op alone (as `mode` would) disturbs its own
+    output and the model's output, on up to SENSITIVITY_IMAGES calibration images.
+
+    Rows, in graph order: `layer` (the op's output tensor name), `op`, `weights` (element count
+    of its weight tensor), `quantization` (what `mode` gives it), `layer_snr_db`,
+    `layer_cosine`, `output_snr_db`, `output_cosine`. Lower SNR = more sensitive. Needs
+    `calibration` (see quantize_tflite)."""
+    from litert_quantizer import quantizer as lq
+    if mode not in MODES:
+        raise ValueError(f"unknown quantizer mode {mode!r}; one of {', '.join(MODES)}")
+    float_tflite_path = Path(float_tflite_path)
+    signature, input_name, output_names = _signature(float_tflite_path, mode)
+    batch = _calibration_batch(calibration, mode, float_tflite_path, SENSITIVITY_IMAGES)
+    test_data = {signature: [{input_name: batch}]}
+    metrics = [lq.ValidationErrorMetric.SNR, lq.ValidationErrorMetric.COSINE_SIMILARITY]
+    rows = []
+    for op in weighted_ops(float_tflite_path):
+        qt = _quantizer(float_tflite_path, mode)
+        _add_mode(qt, mode, regex=_exact(op.scope), op_name=op.op)
+        with _refusals(mode, float_tflite_path, op.name):
+            qt.quantize(_calibrate(qt, test_data), enable_progress_report=False)
+            errors = qt.validate(test_data=test_data, error_metrics=metrics,
+                                 num_threads=NUM_THREADS).get_all_tensor_results()
+        layer = errors.get(op.name, {})
+        output = errors.get(output_names[0], {})
+        rows.append({
+            "layer": op.name, "op": op.op, "weights": op.weights,
+            "quantization": _op_precision(mode, op),
+            "layer_snr_db": _db(layer.get("snr")), "layer_cosine": _finite(layer.get("cosine_similarity")),
+            "output_snr_db": _db(output.get("snr")),
+            "output_cosine": _finite(output.get("cosine_similarity")),
+        })
+    return rows
+
+
+def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
+                   accuracy_of: Callable[[Path], float], max_drop_pts: float, calibration=None,
+                   table: list[dict] | None = None, reference_accuracy: float | None = None,
+                   keep: str = "int8") -> MixedResult:
+    """int4 everywhere except the most sensitive int4 ops, kept at `keep` (`int8` or `float32`):
+    the fewest, taken in order of sensitivity (lowest output SNR first), that bring the accuracy
+    within `max_drop_pts` percentage points of the float32 reference.
+
+    `accuracy_of(tflite_path) -> float` is the caller's measure (a 0..1 fraction, e.g.
+    evaluate_tflite(...).accuracy on the test set); `reference_accuracy` is the float32 model's
+    (measured with `accuracy_of` if not given). `table` is `sensitivity(path, "int4", ...)`'s
+    result (computed from `calibration` if not given). The number kept is searched by bisection
+    (every model evaluated is listed in `trials`); if even all kept misses the budget, that model
+    is written and `within_budget` is False. Writes `out_path` atomically."""
+    if keep not in ("int8", "float32"):
+        raise ValueError("keep must be 'int8' or 'float32'")
+    float_tflite_path, out_path = Path(float_tflite_path), Path(out_path)
+    ops = weighted_ops(float_tflite_path)
+    if table is None:
+        table = sensitivity(float_tflite_path, "int4", calibration)
+    by_name = {op.name: op for op in ops}
+    ranked = [by_name[row["layer"]] for row in sorted(table, key=lambda r: r["output_snr_db"])
+              if row["layer"] in by_name and row["quantization"] == "int4"]
+    if reference_accuracy is None:
+        reference_accuracy = float(accuracy_of(float_tflite_path))
+    trials: list[dict[str, Any]] = []
+    tried: dict[int, float] = {}
+    candidate = out_path.with_name(out_path.name + ".candidate.tflite")
+
+    def accuracy_keeping(count: int) -> float:
+        if count not in tried:
+            kept = ranked[:count]
+            _quantize("mixed", float_tflite_path, candidate, None,
+                      lambda qt: _add_mixed(qt, kept, keep), ops)
+            tried[count] = float(accuracy_of(candidate))
+            trials.append({"kept": [op.name for op in kept], "accuracy": tried[count],
+                           "drop_pts": (reference_accuracy - tried[count]) * 100.0})
+        return tried[count]
+
+    def passes(count: int) -> bool:
+        return (reference_accuracy - accuracy_keeping(count)) * 100.0 <= max_drop_pts
+
+    try:
+        if passes(0):
+            chosen = 0
+        elif not ranked or not passes(len(ranked)):
+            chosen = len(ranked)
+        else:  # passes(high) holds throughout; the smallest passing count is in (low, high]
+            low, high = 0, len(ranked)
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (low, middle) if passes(middle) else (middle, high)
+            chosen = high
+        accuracy_keeping(chosen)  # evaluated already: rebuild its file only if another came last
+        if trials[-1]["kept"] != [op.name for op in ranked[:chosen]]:
+            _quantize("mixed", float_tflite_path, candidate, None,
+                      lambda qt: _add_mixed(qt, ranked[:chosen], keep), ops)
+        os.replace(candidate, out_path)
+    finally:
+        candidate.unlink(missing_ok=True)
+    kept_names = {op.name for op in ranked[:chosen]}
+    int4_names = {op.name for op in ranked}
+    layers = {op.name: (keep if op.name in kept_names else "int4" if op.name in int4_names
+                        else _fixed_precision(op)) for op in ops}
+    accuracy = tried[chosen]
+    return MixedResult(path=out_path, layers=layers, accuracy=accuracy,
+                       reference_accuracy=reference_accuracy, max_drop_pts=max_drop_pts,
+                       within_budget=(reference_accuracy - accuracy) * 100.0 <= max_drop_pts,
+                       trials=trials)
+
+
+def weighted_ops(tflite_path: str | Path) -> list[WeightedOp]:
+    """The ops with a constant weight tensor, in graph order."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    interpreter = Interpreter(model_path=str(tflite_path),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()  # noqa: SLF001 (the only way to walk the graph)
+    produced = {out for op in ops for out in op["outputs"]}
+    graph_inputs = {d["index"] for d in interpreter.get_input_details()}
+    found = []
+    for op in ops:
+        name = INTERPRETER_OP_NAMES.get(op["op_name"], op["op_name"])
+        operand = WEIGHT_OPERAND.get(name)
+        if operand is None or len(op["inputs"]) <= operand:
+            continue
+        weight = op["inputs"][operand]
+        if weight < 0 or weight in produced or weight in graph_inputs:
+            continue  # a runtime tensor (e.g. BATCH_MATMUL of two activations)
+        outputs = [tensors[i]["name"] for i in op["outputs"] if i >= 0 and tensors[i]["name"]]
+        found.append(WeightedOp(name=outputs[0] if outputs else f"op{op['index']}", op=name,
+                                weights=int(np.prod(tensors[weight]["shape"])),
+                                scope="".join(f"{n};" for n in outputs)))
+    return found
+
+
+# --- recipes -------------------------------------------------------------------------------------
+
+def _add_mode(qt, mode: str, regex: str = ".*", op_name: str | None = None,
+              block_size: int | None = None, int4_ops: tuple[str, ...] = INT4_OPS) -> None:
+    """Add `mode`'s configuration for ops matching `regex` (all kinds, or only `op_name`)."""
+    from litert_quantizer import qtyping
+    from litert_quantizer.algorithm_manager import AlgorithmName
+    every = qtyping.TFLOperationName.ALL_SUPPORTED
+    target = op_name or every
+    if mode == "dynamic":
+        qt.add_dynamic_config(regex, target, 8)
+    elif mode == "float16":
+        qt.add_weight_only_config(regex, target, 16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+    elif mode in ("int8", "int16x8"):
+        qt.add_static_config(regex, target, 8 if mode == "int8" else 16, 8)
+        if mode == "int16x8" and op_name is None:
+            # Float input and output, as the converter's int16x8 (LiteRT's Python TensorBuffer has
+            # no int16, so the CompiledModel could not be fed); int8 keeps int8 ones, as there.
+            for io_op in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
+                qt.update_quantization_recipe(regex, io_op, algorithm_key=AlgorithmName.NO_QUANTIZE)
+    elif mode == "int4":
+        if op_name is None or op_name not in int4_ops:
+            qt.add_dynamic_config(regex, target, 8)  # later entries win: int4 where it applies
+        for name in [name for name in int4_ops if op_name in (None, name)]:
+            granularity = qtyping.QuantGranularity.CHANNELWISE
+            if block_size is not None and name in INT4_BLOCKWISE_OPS:
+                granularity = qtyping.QuantGranularity(f"BLOCKWISE_{block_size}")
+            qt.add_dynamic_config(regex, name, 4, granularity)
+    else:
+        raise ValueError(f"unknown quantizer mode {mode!r}")
+
+
+def _add_mixed(qt, kept: list[WeightedOp], keep: str) -> None:
+    """int4 everywhere, then `kept` ops at int8 or float (later recipe entries win)."""
+    from litert_quantizer.algorithm_manager import AlgorithmName
+    _add_mode(qt, "int4")
+    for op in kept:
+        if keep == "int8":
+            qt.add_dynamic_config(_exact(op.scope), op.op, 8)
+        else:
+            qt.update_quantization_recipe(_exact(op.scope), op.op,
+                                          algorithm_key=AlgorithmName.NO_QUANTIZE)
+
+
+def _exact(scope: str) -> str:
+    return "^" + re.escape(scope) + "$"
+
+
+def _fixed_precision(op: WeightedOp) -> str:
+    """What `int4` mode gives an op without an int4 kernel."""
+    return "int4" if op.op in INT4_OPS else "int8"
+
+
+def _op_precision(mode: str, op: WeightedOp) -> str:
+    """The weight precision `mode` gives `op` (as the report names it)."""
+    return _fixed_precision(op) if mode == "int4" else mode
+
+
+# --- running the quantizer -----------------------------------------------------------------------
+
+def _quantizer(float_tflite_path: Path, mode: str):
+    from litert_quantizer import Quantizer
+    try:
+        return Quantizer(str(float_tflite_path))
+    except Exception as error:  # the flatbuffer reader raises anything from struct.error on
+        raise QuantizerError(f"{mode} quantization of {float_tflite_path.name} failed: cannot read "
+                             f"the model ({_last_line(error)})") from error
+
+
+def _quantize(mode: str, float_tflite_path: Path, out_path, calibration, configure,
+              ops: list[WeightedOp]) -> Path:
+    from litert_quantizer.utils import tfl_flatbuffer_utils
+    out_path = Path(out_path)
+    if not ops:
+        raise QuantizerError(f"{mode} quantization of {float_tflite_path.name}: the model has no "
+                             f"weighted op ({', '.join(WEIGHT_OPERAND)}) to quantize")
+    qt = _quantizer(float_tflite_path, mode)
+    if not tfl_flatbuffer_utils.is_float_model(qt._float_model):  # noqa: SLF001
+        raise QuantizerError(f"{mode} quantization of {float_tflite_path.name}: the model is already "
+                             f"quantized; give the float32 .tflite")
+    configure(qt)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with _refusals(mode, float_tflite_path):
+        test_data = None
+        if qt.need_calibration:
+            signature, input_name, _ = _signature(float_tflite_path, mode)
+            batches = _batches(calibration, mode, float_tflite_path)
+            test_data = {signature: [{input_name: batch} for batch in batches]}
+        result = qt.quantize(_calibrate(qt, test_data), enable_progress_report=False)
+        result.export_model(str(tmp), overwrite=True)
+    try:
+        _check_runs(tmp, mode, float_tflite_path)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def _calibrate(qt, test_data):
+    if not qt.need_calibration:
+        return None
+    return qt.calibrate(test_data, num_threads=NUM_THREADS)
+
+
+class _refusals:
+    """Turn the quantizer's exceptions into one-line QuantizerErrors naming mode, model, op."""
+
+    def __init__(self, mode: str, path: Path, op: str | None = None):
+        self.where = f"{mode} quantization of {path.name}" + (f" (op {op})" if op else "")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or isinstance(error, (QuantizerError, KeyboardInterrupt)):
+            return False
+        raise QuantizerError(f"{self.where} failed: {_last_line(error)}") from error
+
+
+def _check_runs(path: Path, mode: str, source: Path) -> None:
+    """Load and invoke the result once (batch 1, zeros): a model the quantizer writes but the
+    LiteRT runtime refuses must fail here, not in evaluation."""
+    from ai_edge_litert.interpreter import Interpreter
+    try:
+        interpreter = Interpreter(model_path=str(path), num_threads=1)
+        detail = interpreter.get_input_details()[0]
+        shape = [1, *detail["shape"][1:]]
+        interpreter.resize_tensor_input(detail["index"], shape, strict=False)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(detail["index"], np.zeros(shape, detail["dtype"]))
+        interpreter.invoke()
+    except Exception as error:
+        raise QuantizerError(f"{mode} quantization of {source.name}: the LiteRT runtime cannot run "
+                             f"the result ({_last_line(error)})") from error
+
+
+def _signature(path: Path, mode: str) -> tuple[str, str, list[str]]:
+    """(signature key, its single input's name, its outputs' tensor names) of the model."""
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_path=str(path))
+    signatures = interpreter.get_signature_list()
+    if not signatures:
+        raise QuantizerError(f"{mode} quantization of {path.name}: the model has no signature "
+                             f"(the quantizer calibrates and validates through one); re-export it "
+                             f"with the TF converter")
+    key = next(iter(signatures))
+    runner = interpreter.get_signature_runner(key)
+    inputs = list(runner.get_input_details())
+    if len(inputs) != 1:
+        raise QuantizerError(f"{mode} quantization of {path.name}: {len(inputs)} inputs; a "
+                             f"classifier has one")
+    outputs = [detail["name"] for detail in runner.get_output_details().values()]
+    return key, inputs[0], outputs
+
+
+def _batches(calibration, mode: str, path: Path) -> list[np.ndarray]:
+    """The calibration data as a list of float32 (N, ...) batches (the quantizer walks its
+    dataset twice, so a generator is materialised)."""
+    if calibration is None:
+        raise QuantizerError(f"{mode} quantization of {path.name} needs calibration data "
+                             f"(float32 input batches from the dataset)")
+    if callable(calibration):
+        calibration = calibration()
+    batches = []
+    for item in calibration:
+        if isinstance(item, dict):
+            item = next(iter(item.values()))
+        elif isinstance(item, (list, tuple)):
+            item = item[0]
+        batches.append(np.asarray(item, dtype=np.float32))
+    if not batches:
+        raise QuantizerError(f"{mode} quantization of {path.name}: the calibration data is empty")
+    return batches
+
+
+def _calibration_batch(calibration, mode: str, path: Path, limit: int) -> np.ndarray:
+    """Up to `limit` calibration images as one batch."""
+    return np.concatenate(_batches(calibration, mode, path))[:limit]
+
+
+def _db(ratio) -> float:
+    """A power ratio in decibels (floored at -120 dB for a silent signal)."""
+    if ratio is None or not math.isfinite(ratio):
+        return float("nan")
+    return 10.0 * math.log10(max(float(ratio), 1e-12))
+
+
+def _finite(value) -> float:
+    return float(value) if value is not None else float("nan")
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
