@@ -77,6 +77,8 @@ class Bench:
         self.cnn_rows: dict[str, dict] = {}
         self.cnn_champion: str | None = None
         self.pipeline_failures: dict[str, str] = {}  # pipeline run name -> how it ended
+        # This process reads the runs' records from the same MLflow store as the pipeline's.
+        os.environ["MLFLOW_TRACKING_URI"] = self.env()["MLFLOW_TRACKING_URI"]
 
     def env(self, **extra) -> dict:
         return common.bench_env(self.cache, **extra)
@@ -323,6 +325,7 @@ def _memory_conclusion(probes: list[dict], rows: dict[str, dict]) -> list[str]:
 
 # ------------------------------------------------------------------------- 2. default CNN
 def section_cnn(bench: Bench) -> dict:
+    from pipeline import artifacts, stages
     from pipeline.data import Dataset
     s = bench.settings["cnn"]
     if bench.reuse_run is not None:
@@ -342,9 +345,10 @@ def section_cnn(bench: Bench) -> dict:
     rows, _ = variant_rows(variant_paths(run_dir, variants), dataset, rounds=s["rounds"],
                            runs=s["runs"], warmup=s["warmup"], section="cnn")
     for row in rows:  # why the pipeline produced no model, when its optimization says
-        record = run_dir / "optimized" / f"{row['variant'].rsplit('-', 1)[0]}.json"
-        if row["status"] != "ok" and "-" in row["variant"] and record.exists():
-            row["error"] = (common.read_json(record) or {}).get("error", row["error"])
+        if row["status"] != "ok" and "-" in row["variant"]:
+            record = artifacts.load_json(context["parent_run_id"], stages._recipe_record(
+                row["variant"].rsplit("-", 1)[0])) or {}
+            row["error"] = record.get("error", row["error"])
     bench.cnn_rows = {r["variant"]: r for r in rows}
     config = context["config"]
     budget = (f"epochs {config['epochs']}, fine-tuning {config['finetune_epochs']}, distillation "
@@ -478,7 +482,7 @@ def _cnn_run(bench: Bench) -> Path:
 def section_peer(bench: Bench) -> dict:
     from benchmarks import peer
     from benchmarks.measure import litert_rounds
-    from pipeline import import_tensorflow_quietly
+    from pipeline import artifacts, import_tensorflow_quietly
     from pipeline.config import PipelineConfig
     from pipeline.data import Dataset
     from pipeline.models import load_model
@@ -492,7 +496,8 @@ def section_peer(bench: Bench) -> dict:
     onnx_dir.mkdir(parents=True)
     progress("peer", "exporting the Keras baseline to ONNX with tf2onnx, quantizing with ONNX Runtime")
     import_tensorflow_quietly()
-    float_path = peer.export(load_model(context["base_model_path"]), onnx_dir / "float32.onnx")
+    baseline = artifacts.fetch(context["base_model_uri"])
+    float_path = peer.export(load_model(baseline), onnx_dir / "float32.onnx")
     generator = dataset.calibration_batches(config.calibration_samples, config.seed)
     calibration = np.concatenate([batch[0] for batch in generator()])
     onnx_paths = peer.quantize_variants(float_path, calibration, onnx_dir)
@@ -524,7 +529,7 @@ def section_peer(bench: Bench) -> dict:
                      "latency_ms_p90": median(f["latency_ms_p90"] for f in samples[name]),
                      "peak_memory_mb": median(f["peak_memory_mb"] for f in samples[name])})
     goals, notes = _peer_goal(rows, config.max_accuracy_drop_pts, bench.cnn_champion)
-    notes = [f"Same Keras baseline ({Path(context['base_model_path']).name}) for both; ONNX opset "
+    notes = [f"Same Keras baseline ({baseline.name}) for both; ONNX opset "
              f"{peer.OPSET}; static int8 calibrated on the pipeline's own {len(calibration)} calibration "
              f"images; accuracy on the same {len(dataset.y_test)} test images as section 2.",
              f"Latency: batch 1, one thread (LiteRT num_threads=1; ONNX Runtime intra_op_num_threads=1, "
