@@ -26,47 +26,27 @@ from airflow.sdk import (AssetOrTimeSchedule, CronTriggerTimetable, Param, dag,
                          get_current_context, task, task_group)
 
 from pipeline.assets import TRAINING_DATASET
-from pipeline.config import AUGMENTATIONS, OBJECTIVES, PipelineConfig
-from pipeline.variants import DEFAULT_VARIANTS, all_variant_names
+from pipeline.config import PipelineConfig
+from pipeline.variants import all_variant_names
 
-DEFAULTS = PipelineConfig.__dataclass_fields__
+def _params() -> dict[str, Param]:
+    """The trigger form: one field per setting of PipelineConfig, with its description, type and
+    range from there (the only place they are written). The defaults are the deployment's:
+    PipelineConfig's, overridden by PIPELINE_* variables where Airflow runs."""
+    params = {}
+    defaults = PipelineConfig.from_mapping({}).to_dict()
+    for name, spec in PipelineConfig.describe().items():
+        schema = {k: v for k, v in spec.items() if k not in ("default", "description")}
+        if name == "variants":
+            schema.update(minItems=1, uniqueItems=True,
+                          items={"type": "string", "enum": all_variant_names()})
+        elif spec["type"] == "string" and "enum" not in schema:
+            schema["minLength"] = 1
+        params[name] = Param(defaults[name], description=spec["description"], **schema)
+    return params
 
 
-def _default(name):
-    return DEFAULTS[name].default
-
-
-PARAMS = {
-    "dataset": Param(_default("dataset"), type="string", minLength=1,
-                     description="'fashion-mnist', an image folder (one subfolder per class) or an .npz"),
-    "model_path": Param(None, type=["null", "string"],
-                        description="Your model (.keras, .h5 or SavedModel dir); empty = train the default CNN"),
-    "allow_unsafe_model": Param(False, type="boolean",
-                                description="Allow Lambda layers (runs code stored in the model file)"),
-    "epochs": Param(_default("epochs"), type="integer", minimum=1, maximum=500),
-    "train_limit": Param(None, type=["null", "integer"], minimum=1,
-                         description="Use only the first N training images (quick runs)"),
-    "test_limit": Param(None, type=["null", "integer"], minimum=1,
-                        description="Use only the first N test images (quick checks; not for decisions)"),
-    "variants": Param(list(DEFAULT_VARIANTS), type="array", minItems=1, uniqueItems=True,
-                      items={"type": "string", "enum": all_variant_names()},
-                      description="Variants to produce: optimizations joined by '+', a dash, the quantization mode"),
-    "finetune_epochs": Param(_default("finetune_epochs"), type="integer", minimum=0, maximum=100,
-                             description="Clustering and QAT fine-tuning epochs"),
-    "prune_epochs": Param(_default("prune_epochs"), type="integer", minimum=1, maximum=100,
-                          description="Pruning epochs: sparsity ramps up, then the model recovers"),
-    "distill_epochs": Param(_default("distill_epochs"), type="integer", minimum=1, maximum=500),
-    "prune_sparsity": Param(_default("prune_sparsity"), type="number", exclusiveMinimum=0, exclusiveMaximum=1),
-    "prune_block": Param(_default("prune_block"), type="integer", minimum=1, maximum=64,
-                         description="Dense weights are pruned in runs of this many inputs (1 = one by one)"),
-    "augment": Param(_default("augment"), type="string", enum=list(AUGMENTATIONS),
-                     description="Random horizontal flips in training: auto = only for fashion-mnist"),
-    "cluster_count": Param(_default("cluster_count"), type="integer", minimum=2, maximum=256),
-    "max_accuracy_drop_pts": Param(_default("max_accuracy_drop_pts"), type="number", minimum=0),
-    "objective": Param(_default("objective"), type="string", enum=list(OBJECTIVES)),
-    "experiment": Param(_default("experiment"), type="string", minLength=1),
-    "registered_model_name": Param(_default("registered_model_name"), type="string", minLength=1),
-}
+PARAMS = _params()
 
 
 # The first retry waits this long (then exponential backoff); tests lower it.
@@ -86,6 +66,18 @@ def _config_values(context) -> dict:
     if events and events[-1].extra.get("dataset"):
         values["dataset"] = events[-1].extra["dataset"]
     return values
+
+
+def _close_parent_run(context) -> None:
+    """on_failure_callback of the pipeline-level tasks (after their last retry): the MLflow
+    parent run ends FAILED with the error instead of staying RUNNING."""
+    from pipeline import tracking
+    from pipeline.stages import one_line
+    error = context.get("exception")
+    experiment = _config_values(context).get("experiment") or PipelineConfig().experiment
+    tracking.fail_parent_run(experiment, context["run_id"],
+                             f"{context['ti'].task_id} failed: "
+                             f"{one_line(error) if error else 'see its log'}")
 
 
 def _input_errors_fail_fast(function, *args, permanent: tuple[type[Exception], ...] = ()):
@@ -135,7 +127,7 @@ def model_compression():
         return stages.recipes(variants)
 
     # Training-type tasks go to the `training` queue (e.g. GPU workers), the rest to `default`.
-    @task(queue="training")
+    @task(queue="training", on_failure_callback=_close_parent_run)
     def train() -> dict:
         from pipeline import stages
         context = get_current_context()
@@ -170,12 +162,12 @@ def model_compression():
         optimized >> quantized  # noqa: F821 (bound below, before the group is expanded)
         return benchmark(ctx, evaluate(ctx, quantized))
 
-    @task(trigger_rule="all_done")  # report whatever the variants did
+    @task(trigger_rule="all_done", on_failure_callback=_close_parent_run)  # report it all
     def select(ctx: dict | None) -> dict:
         from pipeline import stages
         return stages.select(_require_context(ctx))
 
-    @task
+    @task(on_failure_callback=_close_parent_run)
     def register(ctx: dict, selection: dict) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 

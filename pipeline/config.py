@@ -24,46 +24,89 @@ def work_dir() -> Path:
     return Path(os.environ.get("PIPELINE_WORK_DIR") or PROJECT_ROOT / ".work")
 
 
+def setting(default: Any = None, description: str = "", *, factory=None, **schema: Any):
+    """A setting: its default, a one-line description (the trigger form and --help show it) and
+    its JSON-schema constraints (minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum),
+    checked by `PipelineConfig.validate` and by the DAG's Params alike."""
+    metadata = {"description": description, "schema": schema}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class PipelineConfig:
+    """Every setting of a run, defined once: defaults, types, ranges, descriptions."""
     # Data and model
-    dataset: str = "fashion-mnist"          # fashion-mnist | image folder | .npz
-    model_path: str | None = None          # bring your own model: skips training
-    allow_unsafe_model: bool = False       # allow Lambda layers (runs the model file's code)
-    epochs: int = 12
-    batch_size: int = 128
-    learning_rate: float = 2e-3
-    train_limit: int | None = None         # use the first N training images (quick runs)
-    test_limit: int | None = None          # use the first N test images (tests only)
-    validation_fraction: float = 0.1
-    augment: str = "auto"                  # auto | flip | none: flips in baseline training
-    calibration_samples: int = 500         # representative data for int8 / int16x8
-    seed: int = 42
-    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    dataset: str = setting("fashion-mnist", "'fashion-mnist', an image folder (one subfolder per "
+                           "class), an .npz, or s3://... / runs:/... URIs of those")
+    model_path: str | None = setting(None, "Your model: .keras, .h5, SavedModel dir, or s3://, "
+                                     "models:/NAME@ALIAS, runs:/ URI; empty = train the default CNN")
+    allow_unsafe_model: bool = setting(False, "Allow Lambda layers (runs code stored in the model "
+                                       "file)")
+    epochs: int = setting(12, "Baseline training epochs", minimum=1, maximum=500)
+    batch_size: int = setting(128, "Training batch size", minimum=1, maximum=8192)
+    learning_rate: float = setting(2e-3, "Baseline training learning rate (Adam)",
+                                   exclusiveMinimum=0, maximum=1)
+    train_limit: int | None = setting(None, "Use only the first N training images (quick runs)",
+                                      minimum=1)
+    test_limit: int | None = setting(None, "Use only the first N test images (quick checks; not "
+                                     "for decisions)", minimum=1)
+    validation_fraction: float = setting(0.1, "Share of the training split held out for "
+                                         "validation", exclusiveMinimum=0, exclusiveMaximum=0.5)
+    augment: str = setting("auto", "Random horizontal flips in baseline training: auto = only "
+                           "for fashion-mnist", enum=list(AUGMENTATIONS))
+    calibration_samples: int = setting(500, "Training images used to calibrate int8 / int16x8",
+                                       minimum=1, maximum=100000)
+    seed: int = setting(42, "Random seed of data splits, training and calibration", minimum=0)
+    variants: list[str] = setting(description="Variants to produce: optimizations joined by '+', "
+                                  "a dash, the quantization mode", factory=lambda: list(DEFAULT_VARIANTS))
     # Training-time techniques
-    finetune_epochs: int = 2               # clustering and QAT fine-tuning
-    prune_epochs: int = 4                  # pruning: ramp to the target, then recover
-    prune_sparsity: float = 0.91           # of the largest kernel; smaller ones less (see pruning)
-    prune_block: int = 4                   # dense weights pruned in runs of N inputs (1: single)
-    prune_structured: bool = False         # 2:4 structured sparsity instead of unstructured
-    cluster_count: int = 16
-    distill_epochs: int = 12
-    distill_temperature: float = 2.0
-    distill_alpha: float = 0.5             # weight of the hard-label loss; 1 - alpha on soft targets
-    student_width: float = 0.5             # student filters = teacher filters * width
+    finetune_epochs: int = setting(2, "Clustering and QAT fine-tuning epochs", minimum=1,
+                                   maximum=100)
+    prune_epochs: int = setting(4, "Pruning epochs: sparsity ramps up, then the model recovers",
+                                minimum=1, maximum=100)
+    prune_sparsity: float = setting(0.91, "Pruning target of the largest kernel (smaller kernels "
+                                    "get less)", exclusiveMinimum=0, exclusiveMaximum=1)
+    prune_block: int = setting(4, "Dense weights are pruned in runs of this many inputs (1 = one "
+                               "by one)", minimum=1, maximum=64)
+    prune_structured: bool = setting(False, "2:4 structured sparsity instead of unstructured")
+    cluster_count: int = setting(16, "Weight-clustering centroids per kernel", minimum=2,
+                                 maximum=256)
+    distill_epochs: int = setting(12, "Distillation epochs of the student", minimum=1,
+                                  maximum=500)
+    distill_temperature: float = setting(2.0, "Distillation softmax temperature",
+                                         exclusiveMinimum=0, maximum=100)
+    distill_alpha: float = setting(0.5, "Weight of the hard-label loss (1 - alpha on the "
+                                   "teacher's soft targets)", minimum=0, maximum=1)
+    student_width: float = setting(0.5, "Student filters = teacher filters x width",
+                                   exclusiveMinimum=0, exclusiveMaximum=1)
     # Measurement
-    latency_runs: int = 200
-    latency_warmup: int = 20
+    latency_runs: int = setting(200, "Timed invokes per latency measurement", minimum=1,
+                                maximum=100000)
+    latency_warmup: int = setting(20, "Untimed invokes before measuring latency", minimum=0,
+                                  maximum=10000)
     # Selection and registry
-    max_accuracy_drop_pts: float = 1.0
-    min_compression_ratio: float | None = None
-    max_latency_ms: float | None = None
-    max_peak_memory_mb: float | None = None
-    objective: str = "gzip_size"
-    champion_accuracy_tolerance_pts: float = 0.1
-    registered_model_name: str = "fashion-mnist-classifier"
+    max_accuracy_drop_pts: float = setting(1.0, "Quality gate: largest accuracy drop vs the "
+                                           "float32 model, in points", minimum=0, maximum=100)
+    min_accuracy: float | None = setting(None, "Quality gate: the lowest accuracy (0..1) a "
+                                         "model may have; unset = clearly above chance "
+                                         "(1.5 / number of classes)", minimum=0, maximum=1)
+    min_compression_ratio: float | None = setting(None, "Optional gate: the smallest float32 / "
+                                                  "variant size ratio", exclusiveMinimum=0)
+    max_latency_ms: float | None = setting(None, "Optional gate: the largest p50 latency in ms",
+                                           exclusiveMinimum=0)
+    max_peak_memory_mb: float | None = setting(None, "Optional gate: the largest peak memory in "
+                                               "MB", exclusiveMinimum=0)
+    objective: str = setting("gzip_size", "What the champion minimises among the variants that "
+                             "pass the gates", enum=list(OBJECTIVES))
+    champion_accuracy_tolerance_pts: float = setting(
+        0.1, "A new champion may be this many points less accurate than the current one",
+        minimum=0, maximum=100)
+    registered_model_name: str = setting("fashion-mnist-classifier", "MLflow registered model "
+                                         "name")
     # Tracking
-    experiment: str = "model-compression"
+    experiment: str = setting("model-compression", "MLflow experiment name")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,27 +115,24 @@ class PipelineConfig:
         if isinstance(self.variants, str):
             self.variants = [v for v in self.variants.split(",") if v.strip()]
         self.variants = [v.name for v in parse_variants(self.variants)]
-        positive = ("epochs", "batch_size", "calibration_samples", "cluster_count",
-                    "latency_runs", "distill_epochs", "prune_epochs", "prune_block")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise PipelineInputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("train_limit", "test_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise PipelineInputError(f"{name} must be at least 1 (or unset), got {value}")
-        if not 0.0 < self.prune_sparsity < 1.0:
-            raise PipelineInputError(f"prune_sparsity must be between 0 and 1, got {self.prune_sparsity}")
-        if not 0.0 < self.validation_fraction < 0.5:
-            raise PipelineInputError("validation_fraction must be between 0 and 0.5")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise PipelineInputError("distill_alpha must be between 0 and 1")
-        if self.augment not in AUGMENTATIONS:
-            raise PipelineInputError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
-        if self.objective not in OBJECTIVES:
-            raise PipelineInputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.finetune_epochs < 0:
-            raise PipelineInputError("finetune_epochs must be 0 or more")
+        for f in fields(self):
+            _check(f.name, getattr(self, f.name), f.metadata.get("schema", {}))
+        for name in ("dataset", "registered_model_name", "experiment"):
+            if not str(getattr(self, name)).strip():
+                raise PipelineInputError(f"{name} must not be empty")
+
+    @classmethod
+    def describe(cls) -> dict[str, dict[str, Any]]:
+        """Every setting: {name: {"default", "type" (JSON schema), "description", **schema}}."""
+        hints = get_type_hints(cls)
+        described = {}
+        for f in fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+            described[f.name] = {"default": default, "type": _json_type(hints[f.name]),
+                                 "description": f.metadata.get("description", ""),
+                                 **f.metadata.get("schema", {})}
+        return described
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None = None, *, use_env: bool = True) -> "PipelineConfig":
@@ -125,6 +165,29 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check(name: str, value: Any, schema: dict[str, Any]) -> None:
+    """One clear line when `value` breaks the setting's schema (None = unset is always fine)."""
+    if value is None:
+        return
+    bounds = (("minimum", lambda v, b: v >= b, "at least"), ("maximum", lambda v, b: v <= b, "at most"),
+              ("exclusiveMinimum", lambda v, b: v > b, "more than"),
+              ("exclusiveMaximum", lambda v, b: v < b, "less than"))
+    for key, holds, words in bounds:
+        if key in schema and not holds(value, schema[key]):
+            raise PipelineInputError(f"setting {name!r} must be {words} {schema[key]}, got {value!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise PipelineInputError(f"setting {name!r} must be one of {', '.join(map(str, schema['enum']))}, "
+                                 f"got {value!r}")
+
+
+def _json_type(hint: Any) -> str | list[str]:
+    text = str(hint)
+    base = ("array" if "list" in text else "boolean" if "bool" in text else
+            "integer" if "int" in text and "float" not in text else
+            "number" if "float" in text else "string")
+    return ["null", base] if "None" in text else base
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

@@ -293,6 +293,18 @@ def _check_labels(y_train, y_test, num_classes: int, source: str) -> None:
     if len(np.unique(y_train)) < 2:
         raise PipelineInputError(f"the training split of {source} has a single class: a classifier "
                                  "needs at least 2")
+    counts = np.bincount(y_train, minlength=num_classes)
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        # Labels above the first gap are the likely typos (a stray 42 among 0..9).
+        strays = [f"{label} ({counts[label]} image{'s' if counts[label] > 1 else ''})"
+                  for label in np.flatnonzero(counts) if label > missing[0]][:3]
+        raise PipelineInputError(
+            f"labels of {source} must be classes 0..K-1, each with training images: "
+            f"{missing.size} of {num_classes} classes have none (e.g. "
+            f"{', '.join(map(str, missing[:5]))})"
+            + (f"; stray label(s) above the gap: {', '.join(strays)}" if strays else "")
+            + ": fix the labels, or renumber the classes without gaps")
 
 
 def _split_validation(x, y, fraction: float, seed: int):

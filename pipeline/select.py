@@ -55,13 +55,26 @@ def objective_value(result: dict[str, Any], objective: str) -> float | None:
     return finite_number(result.get(OBJECTIVE_METRICS[objective][0]))
 
 
-def gate_failures(result: dict[str, Any], config: "PipelineConfig") -> list[str]:
+def accuracy_floor(config: "PipelineConfig", num_classes: int | None) -> float:
+    """The lowest accuracy any model may have: `min_accuracy`, else clearly above chance
+    (1.5 / classes): relative gates alone would pass every variant of a broken baseline."""
+    if config.min_accuracy is not None:
+        return config.min_accuracy
+    return 1.5 / num_classes if num_classes else 0.0
+
+
+def gate_failures(result: dict[str, Any], config: "PipelineConfig",
+                  num_classes: int | None = None) -> list[str]:
     """Why `result` fails the quality gates, one human sentence each; [] when it passes."""
     if result.get("status") != "ok":
         return [f"failed: {result.get('error') or 'unknown error'}"]
     reasons = []
-    if finite_number(result.get("accuracy")) is None:
+    accuracy = finite_number(result.get("accuracy"))
+    floor = accuracy_floor(config, num_classes)
+    if accuracy is None:
         reasons.append("no accuracy measured")
+    elif accuracy < floor - _EPSILON:
+        reasons.append(f"accuracy {accuracy:.4f} < {floor:.4f} required (min_accuracy)")
     delta = finite_number(result.get("accuracy_delta_pts"))
     if delta is None:
         reasons.append("no accuracy_delta_pts measured")
@@ -108,7 +121,8 @@ def pareto_front(results: list[dict[str, Any]]) -> list[str]:
     return sorted(front, key=lambda name: (points[name][1], points[name][0], name))
 
 
-def choose(results: list[dict[str, Any]], config: "PipelineConfig") -> Selection:
+def choose(results: list[dict[str, Any]], config: "PipelineConfig",
+           num_classes: int | None = None) -> Selection:
     """Apply the gates, compute the Pareto front, and pick the champion by `config.objective`."""
     names = [r.get("variant") for r in results]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -117,7 +131,7 @@ def choose(results: list[dict[str, Any]], config: "PipelineConfig") -> Selection
     rejected = {}
     passing = []
     for result in results:
-        failures = gate_failures(result, config)
+        failures = gate_failures(result, config, num_classes)
         if failures:
             rejected[result["variant"]] = failures
         else:

@@ -120,10 +120,11 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
         "reference_size_bytes": reference_path.stat().st_size})
     log.info("baseline: Keras accuracy %.4f, float32 TFLite accuracy %.4f, %d bytes",
              keras_accuracy, reference.accuracy, reference_path.stat().st_size)
+    _check_baseline(reference.accuracy, dataset.num_classes, config)
     ctx = {
         "pipeline_run_id": pipeline_run_id,
         "parent_run_id": parent_run_id, "experiment": config.experiment,
-        "config": config.to_dict(),
+        "config": config.to_dict(), "num_classes": dataset.num_classes,
         "dataset_uri": artifacts.store(parent_run_id, dataset_path, TRAIN_FOLDER),
         "base_model_uri": base_model_uri, "base_model_kind": kind,
         "reference": {"tflite_uri": artifacts.store(parent_run_id, reference_path, TRAIN_FOLDER),
@@ -134,6 +135,21 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
     }
     write_json(run_dir / "context.json", ctx)  # for people and benchmarks on this machine
     return ctx
+
+
+def _check_baseline(accuracy: float, num_classes: int, config: PipelineConfig) -> None:
+    """Stop the run when the float32 model itself does not clear the accuracy floor: every
+    variant of it would be measured against a broken reference."""
+    from pipeline.select import accuracy_floor
+    floor = accuracy_floor(config, num_classes)
+    if accuracy < floor:
+        chance = 1.0 / num_classes
+        hint = (" — near chance: check that the labels match the model's classes and that the "
+                "images are scaled the way the model expects" if accuracy < 2 * chance else "")
+        raise PipelineInputError(
+            f"the float32 model reaches only {accuracy:.4f} accuracy on the test set, below the "
+            f"floor {floor:.4f} (min_accuracy; chance is {chance:.4f}){hint}; train longer, fix "
+            "the data, or lower min_accuracy")
 
 
 def _train_or_reuse(dataset, config: PipelineConfig, run_dir: Path, parent_run_id: str):
@@ -185,14 +201,14 @@ def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
                     raise
                 # Keep the kind: a TechniqueError is not worth a retry.
                 kind = TechniqueError if isinstance(error, TechniqueError) else VariantFailed
-                failed = kind(f"its first step {prefix!r} failed: {_one_line(error)}")
+                failed = kind(f"its first step {prefix!r} failed: {one_line(error)}")
                 failed.failed_step = prefix
                 raise failed from error
         result = apply_recipe(recipe, str(artifacts.fetch(ctx["base_model_uri"])),
                               Dataset.load(artifacts.fetch(ctx["dataset_uri"])), config,
                               str(out_dir), start=start)
     except Exception as error:
-        artifacts.store_json(parent, {"recipe": recipe, "error": _one_line(error)}, record)
+        artifacts.store_json(parent, {"recipe": recipe, "error": one_line(error)}, record)
         raise
     # A fresh folder per attempt: a URI, once handed on, always names the same files.
     folder = f"{OPTIMIZED_FOLDER}/{_safe(recipe)}/{uuid.uuid4().hex[:8]}"
@@ -311,7 +327,7 @@ class _variant_failure:
         log.error("variant %s failed: %s", self.variant,
                   "".join(traceback.format_exception(kind, error, tb))[-2000:])
         try:
-            tracking.fail_run(self.run_id, _one_line(error))
+            tracking.fail_run(self.run_id, one_line(error))
         except Exception as tracking_error:  # the original error matters more
             log.error("could not record the failure in MLflow: %s", tracking_error)
         return False
@@ -346,7 +362,7 @@ def select(ctx: dict) -> dict[str, Any]:
 
     config = config_of(ctx)
     results = results_of(ctx)
-    selection = choose(results, config)
+    selection = choose(results, config, ctx.get("num_classes"))
     run_dir = local_run_dir(ctx["pipeline_run_id"])
     report_dir = run_dir / "report"
     markdown = summary_markdown(results, selection)
@@ -402,7 +418,7 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name) or "baseline"
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """The first line of an error; our own errors are already phrased for the user."""
     lines = str(error).strip().splitlines()
     first = lines[0] if lines else ""

@@ -81,6 +81,23 @@ def start_parent_run(experiment: str, pipeline_run_id: str, params: dict[str, An
     return run.info.run_id
 
 
+def fail_parent_run(experiment: str, pipeline_run_id: str, error: str) -> str | None:
+    """Close the pipeline run's parent run as FAILED with the error (when it exists and is not
+    closed yet): a run that stopped half-way never stays RUNNING. Returns its id or None."""
+    mlflow_client = client()
+    found_experiment = mlflow_client.get_experiment_by_name(experiment)
+    if found_experiment is None:
+        return None
+    found = mlflow_client.search_runs(
+        [found_experiment.experiment_id],
+        filter_string=f"tags.pipeline_run_id = '{_quote(pipeline_run_id)}' "
+                      "and tags.run_role = 'parent'", max_results=1)
+    if not found or found[0].info.status != "RUNNING":
+        return None
+    fail_run(found[0].info.run_id, error)
+    return found[0].info.run_id
+
+
 def child_run(parent_run_id: str, variant_tags: dict[str, str]) -> str:
     """The child run of `parent_run_id` for one variant, created once."""
     mlflow_client = client()

@@ -20,6 +20,10 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{SESSION_DIR / 'mlflow.db'}"
 os.environ["PIPELINE_WORK_DIR"] = str(SESSION_DIR / "work")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
+# One epoch on a few hundred images is barely above chance (BatchNormalization's moving averages
+# have not settled): the tests' quick runs test the machinery, not the model, so the absolute
+# accuracy floor is off for them (and everything they start); tests of the floor set it.
+os.environ["PIPELINE_MIN_ACCURACY"] = "0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 if str(ROOT) not in sys.path:

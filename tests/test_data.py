@@ -94,3 +94,14 @@ def test_bad_datasets_fail_with_one_clear_error(tmp_path, case, message):
         np.savez(spec, **arrays)
     with pytest.raises(PipelineInputError, match=message):
         load_dataset(spec, **kwargs)
+
+
+def test_a_stray_label_is_named_with_its_count(tmp_path):
+    """Labels 0-9 and one stray 42 would make a 43-class model that scores nothing."""
+    y = np.arange(200) % 10
+    y[7] = 42
+    x = np.random.default_rng(0).random((200, 8, 8, 1)).astype("float32")
+    np.savez(tmp_path / "stray.npz", x_train=x, y_train=y, x_test=x[:20], y_test=np.arange(20) % 10)
+    with pytest.raises(PipelineInputError, match=r"32 of 43 classes have none .*stray label\(s\) "
+                                                 r"above the gap: 42 \(1 image\)"):
+        load_dataset(str(tmp_path / "stray.npz"))

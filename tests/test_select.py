@@ -130,3 +130,23 @@ def test_selection_round_trips_through_json():
     selection = choose([result("int8", gzip=100), result("float32", delta=-2.0)], config())
     restored = Selection.from_dict(json.loads(json.dumps(selection.to_dict())))
     assert restored == selection
+
+
+def test_the_accuracy_floor_rejects_a_variant_of_a_broken_baseline():
+    """Relative gates alone pass every variant of a model that cannot classify: the absolute
+    floor (1.5 / classes by default, or min_accuracy) rejects them and nothing becomes champion."""
+    broken = [result("float32", accuracy=0.0, delta=0.0), result("int8", accuracy=0.0, delta=0.0)]
+    selection = choose(broken, config(), num_classes=43)
+    assert selection.champion is None
+    assert selection.rejected["int8"] == ["accuracy 0.0000 < 0.0349 required (min_accuracy)"]
+    assert choose(broken, config(min_accuracy=0.0), num_classes=43).champion is not None
+    good = [result("int8", accuracy=0.16)]
+    assert choose(good, config(), num_classes=10).champion == "int8"   # 0.16 > 1.5 / 10
+    assert choose(good, config(min_accuracy=0.5), num_classes=10).champion is None
+
+
+def test_a_baseline_below_the_floor_stops_the_run():
+    from pipeline.stages import _check_baseline
+    with pytest.raises(PipelineInputError, match=r"reaches only 0\.1000 accuracy.*near chance"):
+        _check_baseline(0.1, 10, config())
+    _check_baseline(0.1, 10, config(min_accuracy=0.05))  # the user's own floor

@@ -39,12 +39,6 @@ class TechniqueError(ValueError):
 
 # Shared by the technique modules (defined before they are imported below).
 
-def finetune_epochs(config) -> int:
-    """Fine-tuning epochs for pruning, clustering and QAT: at least one, because pruning needs
-    steps to reach its target and QAT needs them to learn its quantization ranges."""
-    return max(1, config.finetune_epochs)
-
-
 def wrap_and_finetune(model, targets: set[str], wrap_layer, technique: str, dataset, config, *,
                       learning_rate: float, epochs: int | None = None, callbacks=()):
     """Clone `model` with `wrap_layer(layer)` (a TF-MOT verb) around the layers named in
@@ -65,8 +59,8 @@ def wrap_and_finetune(model, targets: set[str], wrap_layer, technique: str, data
 def finetune(model, dataset, config, *, learning_rate: float, from_logits: bool,
              epochs: int | None = None, callbacks=()):
     """Compile with a cosine-decayed rate and fit for `epochs` (default
-    `finetune_epochs(config)`) epochs."""
-    epochs = epochs or finetune_epochs(config)
+    `config.finetune_epochs`) epochs."""
+    epochs = epochs or config.finetune_epochs
     steps = math.ceil(len(dataset.x_train) / config.batch_size)
     compile_classifier(model, cosine_schedule(learning_rate, epochs, steps),
                        from_logits=from_logits)
