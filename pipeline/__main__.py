@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--registered-model-name", help="MLflow registered model name")
     run.add_argument("--allow-unsafe-model", action="store_true", default=None,
                      help="allow Lambda layers (runs code stored in the model file)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show the whole traceback of an unexpected error")
     run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                      help="any other setting of pipeline.config.PipelineConfig (repeatable)")
     return parser
@@ -50,12 +52,29 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if getattr(args, "verbose", False):
+            raise
+        from pipeline.stages import one_line
+        print(f"error: {one_line(error)} (the traceback is in {_save_traceback()}; or add "
+              "--verbose)", file=sys.stderr)
+        return 1
+
+
+def _save_traceback() -> str:
+    """The current exception's traceback in the work folder's last-error.log; returns its path."""
+    import traceback
+
+    from pipeline.config import work_dir
+    from pipeline.files import write_text
+    return str(write_text(work_dir() / "last-error.log", traceback.format_exc()))
 
 
 def settings_from_args(args) -> dict:
     """The settings the user gave: the options, then each --set NAME=VALUE (one parser for the
     command line and `make run`)."""
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "set") and v is not None}
+    values = {k: v for k, v in vars(args).items()
+              if k not in ("command", "set", "verbose") and v is not None}
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep:
@@ -69,6 +88,8 @@ def run(args) -> int:
 
     values = settings_from_args(args)
     config = PipelineConfig.from_mapping(values)  # validates before anything heavy starts
+    from pipeline import tracking
+    tracking.require_server()  # one clear line, before any training, when it is not there
     import_tensorflow_quietly()
     return run_pipeline(config.to_dict(), f"cli-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}")
 

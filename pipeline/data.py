@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineInputError
+from pipeline.errors import PipelineInputError, unreadable_file_errors
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -180,7 +180,7 @@ def _load_npz(path: Path):
             raise PipelineInputError(f"{path} holds Python objects (pickled arrays), which are not "
                                      "loaded for safety: save plain numeric arrays") from None
         raise PipelineInputError(f"cannot read {path}: {error}") from None
-    except Exception as error:  # zipfile.BadZipFile, OSError, EOFError...
+    except unreadable_file_errors() as error:  # zipfile.BadZipFile, OSError, EOFError...
         raise PipelineInputError(f"cannot read {path} as an .npz archive: {error}") from None
     x_train, y_train, x_test, y_test = arrays
     if x_train.dtype == np.uint8 or (np.issubdtype(x_train.dtype, np.number) and x_train.size

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineInputError
+from pipeline.errors import PipelineInputError, unreadable_file_errors
 
 # Batch-norm statistics settle within ~50 steps at 0.9 (Keras' 0.99 needs thousands, which left
 # quick runs on small subsets with near-chance inference accuracy).
@@ -142,7 +142,7 @@ def load_model(path: str | Path, allow_unsafe: bool = False):
         return SavedModelClassifier(path)
     except PipelineInputError:
         raise
-    except Exception as error:  # corrupt/truncated files surface as many exception types
+    except unreadable_file_errors() as error:  # corrupt/truncated files: many exception types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PipelineInputError(f"cannot load model {path.name}: {first[:300]} (is the file "
                                  "complete and saved by Keras?)") from None

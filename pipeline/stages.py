@@ -422,6 +422,7 @@ def one_line(error: BaseException) -> str:
     """The first line of an error; our own errors are already phrased for the user."""
     lines = str(error).strip().splitlines()
     first = lines[0] if lines else ""
-    if isinstance(error, (PipelineInputError, VariantFailed)) and first:
+    if isinstance(error, (PipelineInputError, VariantFailed, tracking.TrackingServerUnreachable,
+                          tracking.ArtifactStoreError)) and first:
         return first[:500]
     return f"{type(error).__name__}: {first}"[:500]

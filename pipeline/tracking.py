@@ -32,6 +32,25 @@ def tracking_uri() -> str:
     return f"sqlite:///{LOCAL_STORE / 'mlflow.db'}"
 
 
+class TrackingServerUnreachable(ConnectionError):
+    """MLFLOW_TRACKING_URI names a server that does not answer: the message says which and what
+    to start."""
+
+
+def require_server() -> None:
+    """Check that the tracking server answers (when MLFLOW_TRACKING_URI names one)."""
+    uri = tracking_uri()
+    if uri.startswith("http") and not _server_healthy(uri.rstrip("/")):
+        raise TrackingServerUnreachable(
+            f"the MLflow tracking server {_without_credentials(uri)} (MLFLOW_TRACKING_URI) cannot "
+            "be reached: start it (make up starts one on 127.0.0.1:5000), or unset "
+            "MLFLOW_TRACKING_URI to use the local store .mlflow/")
+
+
+def _without_credentials(uri: str) -> str:
+    return re.sub(r"//[^/@]*@", "//", uri)
+
+
 def client():
     # MLflow's HTTP client retries each request 7 times over ~4 minutes by default; with our own
     # retry on top and Airflow's task retries above that, an outage would stall a task for many

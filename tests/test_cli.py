@@ -40,9 +40,10 @@ def _single_class_folder(root):
     ("corrupt_model", "cannot load model"),
     ("missing_model", "model not found"),
     ("unknown_variant", "unknown variant"),
-    ("bad_epochs", "epochs must be at least 1"),
+    ("bad_epochs", "'epochs' must be at least 1"),
     ("bad_option", "invalid value"),
-    ("bad_augment", "augment must be one of auto, flip, none"),
+    ("bad_augment", "'augment' must be one of auto, flip, none"),
+    ("unknown_setting", "unknown setting 'prune_sparsty'"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(tmp_path, tiny_model_path, case, expected):
     args = {
@@ -57,6 +58,7 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path, tiny_model_path, case, 
         "bad_epochs": ["--epochs", "0"],
         "bad_option": ["--set", "prune_sparsity=lots"],
         "bad_augment": ["--set", "augment=rotate"],
+        "unknown_setting": ["--set", "prune_sparsty=0.5"],
     }[case]
     if case == "corrupt_model":
         (tmp_path / "broken.h5").write_bytes(tiny_model_path.read_bytes()[:500])
@@ -72,3 +74,22 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path, tiny_model_path, case, 
 def test_usage_error_exits_2():
     done = run_cli("--epochs", "many")
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_an_unreachable_tracking_server_is_one_line_naming_it(tmp_path):
+    """Nothing listens at the URL: one line naming it (without its credentials) and what to
+    start, exit 1, the traceback in the work folder's log instead of on the terminal."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://someone:s3cret@127.0.0.1:{port}",
+           "PIPELINE_WORK_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--variants", "float32"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert f"tracking server http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) cannot be reached" \
+        in lines[0] and "s3cret" not in done.stderr
+    assert "Traceback" in (tmp_path / "last-error.log").read_text()
