@@ -48,6 +48,8 @@ ACTIVATIONS = {name: name for name in (
     "linear", "relu", "relu6", "sigmoid", "tanh", "softmax", "log_softmax", "softplus",
     "softsign", "elu", "selu", "gelu", "swish", "exponential", "mish", "leaky_relu")}
 ACTIVATIONS["silu"] = "swish"
+# keras.ops between a tensor and a Python number that become a tf_keras Rescaling layer.
+SCALAR_OPS = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
 # Activation layers of these become small tf_keras subgraphs (see _Translator._hard_activation).
 HARD_ACTIVATIONS = ("hard_sigmoid", "hard_silu", "hard_swish")
 # Keras 3 config keys that tf_keras spells differently, per layer class.
@@ -72,7 +74,7 @@ def to_tf_keras(model3):
 
     if not isinstance(model3, keras.Model):
         raise TranslationError(f"{type(model3).__name__} is not a Keras 3 model: nothing to "
-                               "translate" + _STILL_RUNS)
+                               "translate")
     k2 = tf_keras()
     graph = _functional(model3)
     inputs2 = []
@@ -80,7 +82,10 @@ def to_tf_keras(model3):
         layer = tensor._keras_history.operation
         inputs2.append(k2.Input(shape=tuple(tensor.shape[1:]), dtype=tensor.dtype,
                                 name=layer.name))
-    translator = _Translator({layer.name for layer in _input_layers(graph)})
+    # The outer model's layers keep their names; a nested model's layer named like one of them
+    # gets the nested model's name as a prefix.
+    translator = _Translator({layer.name: id(layer) for layer in
+                              [*_input_layers(graph), *graph.layers]})
     outputs2 = translator.run(graph, inputs2, training=None)
     return k2.Model(inputs2, outputs2 if len(outputs2) > 1 else outputs2[0], name=model3.name)
 
@@ -94,13 +99,12 @@ def check_parity(model3, model2, x, batch_size: int = 256) -> float:
             f"model {model3.name!r}: the translation's outputs have shapes "
             f"{[o.shape for o in outputs2]}, the Keras 3 model's {[o.shape for o in outputs3]}"
             + _STILL_RUNS)
-    diff = 0.0
+    gaps = [0.0]
     for a, b in zip(outputs3, outputs2):
         if a.size:
             gap = np.abs(a.astype(np.float64) - b.astype(np.float64))
-            both_nan = np.isnan(a) & np.isnan(b)
-            diff = max(diff, float(np.max(np.where(both_nan, 0.0, gap))))
-    return diff
+            gaps.append(np.max(np.where(np.isnan(a) & np.isnan(b), 0.0, gap)))
+    return float(np.max(gaps))  # np.max keeps a NaN (Python's max would drop it)
 
 
 def translate(model3, x_check, tolerance: float = 1e-4):
@@ -116,7 +120,7 @@ def translate(model3, x_check, tolerance: float = 1e-4):
     return model2, diff
 
 
-_STILL_RUNS = (". Training-time techniques (prune, cluster, qat, distill) need a tf_keras model; "
+_STILL_RUNS = (". TF Model Optimization's techniques (prune, cluster, qat) need a tf_keras model; "
                "the post-training variants (float32, dynamic, float16, int8, int16x8) still run "
                "on the Keras 3 model")
 
@@ -129,11 +133,11 @@ def _fail(layer, reason: str):
 class _Translator:
     """Walks Keras 3 functional graphs, calling tf_keras twins of their layers on tf_keras
     tensors. One instance per translated model: its cache keeps shared layers shared and its name
-    set keeps flattened names unique."""
+    register keeps flattened names unique."""
 
-    def __init__(self, taken_names: set[str]):
+    def __init__(self, owners: dict[str, object]):
         self.layers: dict[int, object] = {}   # id(Keras 3 layer) -> its tf_keras twin
-        self.names = set(taken_names)
+        self.owners = dict(owners)            # tf_keras layer name -> what it names
 
     def run(self, graph, inputs2: list, *, training, prefix: str = "") -> list:
         """The tf_keras tensors `graph` outputs when fed `inputs2`."""
@@ -146,11 +150,12 @@ class _Translator:
                 op = node.operation
                 if op is None or node.is_input:
                     continue
-                if not isinstance(op, keras.layers.Layer):  # e.g. keras.ops.add in the graph
-                    raise _fail(op, "it is a keras.ops operation, not a layer")
                 if any(id(x) not in tensors for x in node.input_tensors):
-                    raise _fail(op, "its inputs come from outside the model")
+                    continue  # not part of this graph's computation (as Keras 3 runs it)
                 args, kwargs = node.arguments.fill_in(tensors)
+                if not isinstance(op, keras.layers.Layer):  # keras.ops, e.g. `x + 3.0`
+                    tensors[id(node.outputs[0])] = self._scalar_op(op, args, kwargs, prefix)
+                    continue
                 call_training = kwargs.pop("training", None)
                 call_training = training if call_training is None else call_training
                 extra = {k: v for k, v in kwargs.items() if v is not None}
@@ -174,33 +179,64 @@ class _Translator:
                         _copy_weights(op, layer2)
                 for x, y in zip(node.outputs, outputs):
                     tensors[id(x)] = y
+        missing = [x for x in graph.outputs if id(x) not in tensors]
+        if missing:
+            raise _fail(graph, f"its output {missing[0].name!r} cannot be computed from its "
+                               "inputs")
         return [tensors[id(x)] for x in graph.outputs]
 
     def _twin(self, layer3, prefix: str):
         if id(layer3) not in self.layers:
-            self.layers[id(layer3)] = _translate_layer(layer3, self._name(layer3.name, prefix))
+            name = self._name(layer3.name, prefix, id(layer3))
+            self.layers[id(layer3)] = _translate_layer(layer3, name)
         return self.layers[id(layer3)]
 
-    def _name(self, name: str, prefix: str) -> str:
-        if name in self.names:  # a nested model's layer named like an outer one
-            name = prefix + name
-            while name in self.names:
-                name += "_"
-        self.names.add(name)
+    def _name(self, name: str, prefix: str, owner) -> str:
+        """`name` if free or `owner`'s already, else `prefix + name` (numbered if need be)."""
+        base, number = prefix + name, 0
+        while self.owners.setdefault(name, owner) != owner:
+            number += 1
+            name = base if number == 1 else f"{base}_{number - 1}"
         return name
+
+    def _scalar_op(self, op, args, kwargs, prefix: str):
+        """A keras.ops arithmetic operation between a tensor and a Python number (MobileNetV3's
+        `ReLU(6)(x + 3.0) * (1 / 6)`) as a tf_keras Rescaling layer."""
+        kind = type(op).__name__
+        numbers = [a for a in args if isinstance(a, (int, float, np.number))
+                   and not isinstance(a, bool)]
+        if kind not in SCALAR_OPS or len(args) != 2 or len(numbers) != 1 or kwargs:
+            raise _fail(op, "it is a keras.ops operation, not a layer (only +, -, *, / between "
+                            "a tensor and a number are translated)")
+        number, tensor_first = float(numbers[0]), numbers[0] is args[1]
+        if kind == "Add":
+            scale, offset = 1.0, number
+        elif kind == "Subtract":
+            scale, offset = (1.0, -number) if tensor_first else (-1.0, number)
+        elif kind == "Multiply":
+            scale, offset = number, 0.0
+        elif tensor_first:  # Divide, TrueDivide
+            scale, offset = 1.0 / number, 0.0
+        else:
+            raise _fail(op, "a number divided by a tensor is not translated")
+        tensor = args[0] if tensor_first else args[1]
+        layer2 = tf_keras().layers.Rescaling(scale, offset=offset, dtype=tensor.dtype.name,
+                                             name=self._name(op.name, prefix, id(op)))
+        return layer2(tensor)
 
     def _hard_activation(self, layer3, prefix: str):
         """Keras 3's hard_sigmoid, relu6(x + 3) / 6, as tf_keras layers: Rescaling(1/6, +0.5)
         then ReLU(max 1); hard_silu/hard_swish multiply that by x (MobileNetV3's activations)."""
         if id(layer3) not in self.layers:
             k2 = tf_keras()
-            name = self._name(layer3.name, prefix)
+            name = self._name(layer3.name, prefix, id(layer3))
             dtype = _convert_value(layer3, "dtype", layer3.get_config()["dtype"])
             scale = k2.layers.Rescaling(1 / 6, offset=0.5, dtype=dtype,
-                                        name=self._name(f"{name}_scale", prefix))
-            silu = layer3.activation.__name__ != "hard_sigmoid"
+                                        name=self._name(f"{name}_scale", prefix, (name, 1)))
+            silu = layer3.get_config()["activation"] != "hard_sigmoid"
             clip = k2.layers.ReLU(max_value=1.0, dtype=dtype,
-                                  name=self._name(f"{name}_clip", prefix) if silu else name)
+                                  name=self._name(f"{name}_clip", prefix, (name, 2)) if silu
+                                  else name)
             multiply = k2.layers.Multiply(dtype=dtype, name=name)
 
             def call(x):
@@ -214,7 +250,7 @@ class _Translator:
 def _hard_activation(layer) -> bool:
     """An Activation layer of Keras 3's hard_sigmoid or hard_silu (alias hard_swish)."""
     return (type(layer).__name__ == "Activation" and _is_builtin(layer)
-            and getattr(layer.activation, "__name__", "") in HARD_ACTIVATIONS)
+            and layer.get_config().get("activation") in HARD_ACTIVATIONS)
 
 
 def _translate_layer(layer3, name: str):

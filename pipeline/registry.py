@@ -2,15 +2,17 @@
 versions, and its aliases (`champion`, `challenger`).
 
 MLflow has no TFLite flavor, so `TFLiteClassifier` is a `mlflow.pyfunc.PythonModel` running the
-file through the LiteRT interpreter. Its input is flattened images, one row per image, as floats in
-the model's own input domain (this pipeline's loaders scale pixels to [0, 1]): a numpy array
-(N, H*W*C) or (N, H, W, C), a pandas DataFrame with one column per pixel, or nested lists. Integer
+file through the LiteRT interpreter. Its input is a batch of images (N, H, W, C), float32, in the
+model's own input domain (this pipeline's loaders scale pixels to [0, 1]), the shape every other
+part of the pipeline holds images in; its signature says so, and its stored serving input example
+(`serving_input_example.json`) is a ready request body. Integer
 models (int8/int16x8 inputs) get their inputs quantized and their outputs dequantized here, so
 every variant takes and returns floats. The output is a pandas DataFrame, one row per image:
 `class` (int, the argmax of the scores), `label` (str, only when class names were given), and
 `score_0` .. `score_<K-1>` (float32, the model's dequantized outputs, softmax probabilities for the
 pipeline's models). Served with `mlflow models serve`, it answers
-`{"inputs": [[...pixels...]]}` with `{"predictions": [{"class": 3, "score_0": ..., ...}]}`.
+`{"inputs": [[[[0.0], ...]]]}` (N x H x W x C nested lists) with
+`{"predictions": [{"class": 3, "label": "Dress", "score_0": ..., ...}]}`.
 
 The model ships its own code (this module, `pipeline.select` and `pipeline.errors`, staged as
 `code_paths`) and needs only ai-edge-litert, numpy and pandas at serving time, not TensorFlow.
@@ -99,12 +101,12 @@ def log_tflite_pyfunc(tflite_path: str | Path, input_example: Any = None, name: 
                       class_names: list[str] | None = None, num_threads: int = 1) -> "ModelInfo":
     """Log `tflite_path` as a servable pyfunc model in the active run.
 
-    `input_example`: a few images in any accepted form (default: one black image); it is stored
-    flattened, so the signature is a float32 tensor (-1, H*W*C)."""
+    `input_example`: a few images (default: one black image); the signature is a float32 tensor
+    (-1, H, W, C)."""
     runner = TFLiteRunner(tflite_path, num_threads=num_threads)
     if input_example is None:
-        input_example = np.zeros((1, runner.feature_count), np.float32)
-    example = runner.images(input_example).reshape(-1, runner.feature_count)
+        input_example = np.zeros((1, *runner.image_shape), np.float32)
+    example = runner.images(input_example)
     model = TFLiteClassifier(class_names)
     with warnings.catch_warnings():
         # "integer columns cannot represent missing values": `class` is never missing.

@@ -158,12 +158,12 @@ def test_runner_matches_the_interpreter_for_any_batch_and_input_form(tflite_int8
 def test_registered_pyfunc_predicts_like_the_interpreter(served, tflite_int8, images):
     model = mlflow.pyfunc.load_model(f"models:/{served}@champion")
     expected = interpreter_classes(tflite_int8, images)
-    output = model.predict(images)
+    # Images in the shape the rest of the pipeline holds them: (N, H, W, C).
+    output = model.predict(images.reshape(-1, *IMAGE_SHAPE))
     assert list(output.columns) == ["class", "label"] + [f"score_{k}" for k in range(4)]
     np.testing.assert_array_equal(output["class"].to_numpy(), expected)
     assert output["label"].tolist() == [CLASS_NAMES[c] for c in expected]
-    pd.testing.assert_frame_equal(model.predict(pd.DataFrame(images)), output)
-    assert model.metadata.get_input_schema().inputs[0].shape == (-1, FEATURES)
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, *IMAGE_SHAPE)
 
     requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{served}@champion"))
     packages = {line.split("==")[0] for line in requirements.read_text().split()}
@@ -294,9 +294,12 @@ def test_mlflow_models_serve_answers_invocations(served, store, tflite_int8, ima
                         break
             except OSError:
                 time.sleep(0.5)
-        expected = interpreter_classes(tflite_int8, images[:3])
-        for payload in ({"inputs": images[:3].tolist()},
-                        {"dataframe_split": pd.DataFrame(images[:3]).to_dict(orient="split")}):
+        example = json.loads(Path(mlflow.artifacts.download_artifacts(
+            f"models:/{served}@champion/serving_input_example.json", tracking_uri=store["uri"]))
+            .read_text())
+        assert np.asarray(example["inputs"]).shape[1:] == IMAGE_SHAPE
+        for payload in ({"inputs": images[:3].reshape(-1, *IMAGE_SHAPE).tolist()}, example):
+            expected = interpreter_classes(tflite_int8, np.asarray(payload["inputs"]))
             request = urllib.request.Request(f"{base}/invocations",
                                              data=json.dumps(payload).encode(),
                                              headers={"Content-Type": "application/json"})
