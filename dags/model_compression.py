@@ -142,9 +142,14 @@ def model_compression():
 
     @task(trigger_rule="all_done")  # runs when an optimization failed: it records why
     def quantize(ctx: dict | None, variant: str) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from pipeline import stages
-        return _input_errors_fail_fast(stages.quantize, _require_context(ctx), variant,
-                                       permanent=(stages.VariantFailed,))  # its optimization failed
+        try:
+            return _input_errors_fail_fast(stages.quantize, _require_context(ctx), variant,
+                                           permanent=(stages.VariantFailed,))  # its optimization failed
+        except stages.VariantSkipped as reason:  # cannot apply to this model: shown as skipped
+            raise AirflowSkipException(str(reason)) from None
 
     @task
     def evaluate(ctx: dict, quantized: dict) -> dict:

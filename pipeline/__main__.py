@@ -130,6 +130,8 @@ def _run_stages(config_values: dict, pipeline_run_id: str) -> tuple[dict, dict, 
     for name in config.variants:
         try:
             stages.benchmark(ctx, stages.evaluate(ctx, stages.quantize(ctx, name)))
+        except stages.VariantSkipped as reason:
+            log.info("variant %s skipped: %s", name, reason)
         except Exception as error:
             log.error("variant %s failed: %s", name, error)
     selected = stages.select(ctx)

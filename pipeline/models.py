@@ -60,17 +60,16 @@ def build_cnn(input_shape: tuple[int, ...], num_classes: int, width: float = 1.0
 
 
 def count_macs(model) -> int:
-    """Multiply-accumulates of one forward pass through Conv2D/DepthwiseConv2D/Dense layers."""
+    """Multiply-accumulates of one forward pass through the Conv2D, DepthwiseConv2D,
+    SeparableConv2D (depthwise + pointwise kernels) and Dense layers, zeros included."""
     total = 0
     for layer in flat_layers(model):
-        kind = type(layer).__name__
-        if kind in ("Conv2D", "DepthwiseConv2D", "Dense"):
-            kernel = layer.get_weights()[0] if layer.get_weights() else None
-            if kernel is None:
-                continue
-            out_shape = layer.output_shape if hasattr(layer, "output_shape") else layer.output.shape
-            spatial = int(np.prod([d for d in out_shape[1:-1] if d])) if len(out_shape) > 2 else 1
-            total += spatial * int(np.prod(kernel.shape))
+        if type(layer).__name__ not in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense"):
+            continue
+        kernels = [w for w in layer.get_weights() if w.ndim >= 2]
+        out_shape = layer.output_shape if hasattr(layer, "output_shape") else layer.output.shape
+        spatial = int(np.prod([d for d in out_shape[1:-1] if d])) if len(out_shape) > 2 else 1
+        total += spatial * sum(int(np.prod(k.shape)) for k in kernels)
     return total
 
 

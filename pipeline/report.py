@@ -50,7 +50,8 @@ def terminal_table(results: list[dict[str, Any]], selection: Selection) -> str:
             reasons = selection.rejected.get(name)
             gates = "pass" if name in selection.passed else "; ".join(reasons or ["not evaluated"])
         else:
-            gates = "failed: " + _shorten(str(result.get("error") or "unknown error"))
+            status = "skipped" if result.get("status") == "skipped" else "failed"
+            gates = f"{status}: " + _shorten(str(result.get("error") or "unknown error"))
         cells = [
             f"`{name}`",
             _num(result.get("accuracy"), "{:.4f}"),
@@ -71,18 +72,60 @@ def terminal_table(results: list[dict[str, Any]], selection: Selection) -> str:
 
 def summary_markdown(results: list[dict[str, Any]], selection: Selection) -> str:
     """The run's summary: the decision in one paragraph, then the table."""
-    failed = sum(1 for r in results if r.get("status") != "ok")
+    failed = sum(1 for r in results if r.get("status") == "failed")
+    skipped = sum(1 for r in results if r.get("status") == "skipped")
     champion = f"`{selection.champion}`" if selection.champion else "none"
     return (
         "# Model compression summary\n\n"
         f"**Champion:** {champion} (objective: {selection.objective})  \n"
         f"**Why:** {_escape(selection.reason)}  \n"
         f"**Variants:** {len(results)} ({len(selection.passed)} passed the gates, "
-        f"{len(selection.rejected) - failed} rejected, {failed} failed)  \n"
+        f"{len(selection.rejected) - failed - skipped} rejected, {failed} failed"
+        + (f", {skipped} skipped: they cannot apply to this model" if skipped else "") + ")  \n"
         f"**Pareto front** (accuracy, gzip size, p50 latency): "
         f"{', '.join(f'`{n}`' for n in selection.pareto) or 'empty'}\n\n"
         + terminal_table(results, selection)
     )
+
+
+SENSITIVITY_COLUMNS = ("rank", "layer", "op", "weights", "quantized as", "layer SNR (dB)",
+                       "layer cosine", "output SNR (dB)", "output cosine")
+# Fused op names join several tensor names; the table keeps both ends of a long one.
+LAYER_CHARS = 60
+
+
+def sensitivity_markdown(rows: list[dict[str, Any]],
+                         placement: dict[str, str] | None = None) -> str:
+    """The per-layer sensitivity table (`pipeline.litert_quantizer.sensitivity` rows) as
+    markdown, in graph order; `rank` 1 is the most sensitive (lowest output SNR). `placement`
+    (`MixedResult.layers`) adds the precision the mixed model gave each layer."""
+    columns = SENSITIVITY_COLUMNS + (("mixed",) if placement is not None else ())
+    def snr(row):  # unmeasured sorts first: unknown is treated as sensitive
+        value = finite_number(row.get("output_snr_db"))
+        return -math.inf if value is None else value
+
+    ranks = {id(row): rank for rank, row in enumerate(sorted(rows, key=snr), start=1)}
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if name in ("layer", "op", "quantized as", "mixed") else "---:"
+                            for name in columns) + "|"]
+    for row in rows:
+        cells = [str(ranks[id(row)]), f"`{_escape(_middle(str(row.get('layer', ''))))}`",
+                 _escape(row.get("op", "")), _num(row.get("weights"), "{:,.0f}"),
+                 _escape(row.get("quantization", "")),
+                 _num(row.get("layer_snr_db"), "{:.1f}"), _num(row.get("layer_cosine"), "{:.4f}"),
+                 _num(row.get("output_snr_db"), "{:.1f}"), _num(row.get("output_cosine"), "{:.4f}")]
+        if placement is not None:
+            cells.append(_escape(placement.get(row.get("layer"), "-")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _middle(text: str) -> str:
+    """Both ends of a long name, the middle elided."""
+    if len(text) <= LAYER_CHARS:
+        return text
+    half = (LAYER_CHARS - 1) // 2
+    return text[:half] + "…" + text[-half:]
 
 
 def pareto_plot(results: list[dict[str, Any]], selection: Selection, path: str | Path) -> Path:

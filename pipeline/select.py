@@ -67,7 +67,8 @@ def gate_failures(result: dict[str, Any], config: "PipelineConfig",
                   num_classes: int | None = None) -> list[str]:
     """Why `result` fails the quality gates, one human sentence each; [] when it passes."""
     if result.get("status") != "ok":
-        return [f"failed: {result.get('error') or 'unknown error'}"]
+        status = "skipped" if result.get("status") == "skipped" else "failed"
+        return [f"{status}: {result.get('error') or 'unknown error'}"]
     reasons = []
     accuracy = finite_number(result.get("accuracy"))
     floor = accuracy_floor(config, num_classes)

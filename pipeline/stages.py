@@ -35,6 +35,10 @@ class VariantFailed(RuntimeError):
     """One variant could not be produced or measured; the others go on."""
 
 
+class VariantSkipped(RuntimeError):
+    """The variant cannot apply to this model (the reason says why): recorded as `skipped`."""
+
+
 def config_of(ctx: dict) -> PipelineConfig:
     return PipelineConfig.from_mapping(ctx["config"], use_env=False)
 
@@ -105,6 +109,8 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
     else:
         model, base_model_uri = user_model, artifacts.store(parent_run_id, model_file,
                                                             BASELINE_FOLDER)
+    technique_base_uri, techniques_unavailable = _technique_base(
+        kind, model, base_model_uri, dataset, run_dir, parent_run_id)
 
     import numpy as np
     keras_predictions = models.predict_classes(model, dataset.x_test)
@@ -127,6 +133,9 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
         "config": config.to_dict(), "num_classes": dataset.num_classes,
         "dataset_uri": artifacts.store(parent_run_id, dataset_path, TRAIN_FOLDER),
         "base_model_uri": base_model_uri, "base_model_kind": kind,
+        # The tf_keras model the training-time techniques start from (a Keras 3 model's
+        # translation), or why they cannot apply to this model.
+        "technique_base_uri": technique_base_uri, "techniques_unavailable": techniques_unavailable,
         "reference": {"tflite_uri": artifacts.store(parent_run_id, reference_path, TRAIN_FOLDER),
                       "accuracy": reference.accuracy,
                       "size_bytes": reference_path.stat().st_size,
@@ -135,6 +144,31 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
     }
     write_json(run_dir / "context.json", ctx)  # for people and benchmarks on this machine
     return ctx
+
+
+def _technique_base(kind: str, model, base_model_uri: str, dataset, run_dir: Path,
+                    parent_run_id: str) -> tuple[str | None, str | None]:
+    """(URI of the tf_keras model TF-MOT's techniques start from, None) or (None, why they cannot
+    apply). A Keras 3 model is translated to tf_keras and checked numerically first."""
+    if kind == "tf_keras":
+        return base_model_uri, None
+    if kind != "keras3":
+        what = {"saved_model": "a SavedModel without Keras metadata (a graph, no layers to wrap)",
+                "tflite": "a .tflite model (a graph, no layers to train)"}.get(kind, kind)
+        return None, (f"the training-time techniques (prune, cluster, qat, distill) need a Keras "
+                      f"model, and this is {what}; the post-training variants run")
+    from pipeline.keras3 import TranslationError, translate
+    try:
+        translated, max_abs_diff = translate(model, dataset.x_test[:64])
+    except TranslationError as error:
+        return None, one_line(error)
+    tracking.log_metrics(parent_run_id, {"keras3_translation_max_abs_diff": max_abs_diff})
+    log.info("Keras 3 model translated to tf_keras for TF-MOT: outputs agree within %.2g on 64 "
+             "test images", max_abs_diff)
+    path = run_dir / "translated" / "model.keras"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    translated.save(str(path))
+    return artifacts.store(parent_run_id, path, f"{artifacts.EXCHANGE}/translated"), None
 
 
 def _check_baseline(accuracy: float, num_classes: int, config: PipelineConfig) -> None:
@@ -187,6 +221,10 @@ def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
     done = artifacts.load_json(parent, record)
     if done is not None and "error" not in done:
         return done
+    if ctx.get("techniques_unavailable"):  # its variants are skipped with this reason
+        skipped = {"recipe": recipe, "skipped": ctx["techniques_unavailable"]}
+        artifacts.store_json(parent, skipped, record)
+        return skipped
     config = config_of(ctx)
     out_dir = local_run_dir(ctx["pipeline_run_id"]) / "optimized" / _safe(recipe)
     try:
@@ -204,7 +242,7 @@ def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
                 failed = kind(f"its first step {prefix!r} failed: {one_line(error)}")
                 failed.failed_step = prefix
                 raise failed from error
-        result = apply_recipe(recipe, str(artifacts.fetch(ctx["base_model_uri"])),
+        result = apply_recipe(recipe, str(artifacts.fetch(ctx["technique_base_uri"])),
                               Dataset.load(artifacts.fetch(ctx["dataset_uri"])), config,
                               str(out_dir), start=start)
     except Exception as error:
@@ -306,6 +344,8 @@ def _conversion_source(ctx: dict, recipe: str) -> tuple[dict, dict]:
     info = artifacts.load_json(ctx["parent_run_id"], _recipe_record(recipe))
     if info is None:
         raise VariantFailed(f"optimization {recipe!r} produced no model (its task did not run)")
+    if "skipped" in info:
+        raise VariantSkipped(info["skipped"])
     if "error" in info:
         raise VariantFailed(f"optimization {recipe!r} failed: {info['error']}")
     from pipeline.optimize import load_optimized
@@ -323,6 +363,11 @@ class _variant_failure:
 
     def __exit__(self, kind, error, tb):
         if error is None:
+            return False
+        if isinstance(error, VariantSkipped):
+            log.info("variant %s skipped: %s", self.variant, error)
+            tracking.set_tags(self.run_id, {"status": "skipped", "skip_reason": one_line(error)})
+            tracking.finish_run(self.run_id)
             return False
         log.error("variant %s failed: %s", self.variant,
                   "".join(traceback.format_exception(kind, error, tb))[-2000:])
@@ -345,6 +390,8 @@ def results_of(ctx: dict) -> list[dict[str, Any]]:
         result: dict[str, Any] = {**variant.tags(), "child_run_id": run.info.run_id if run else None}
         if run is None:
             result.update(status="failed", error="did not run (an upstream task failed)")
+        elif run.data.tags.get("status") == "skipped":
+            result.update(status="skipped", error=run.data.tags.get("skip_reason", "skipped"))
         elif run.info.status == "FINISHED" and run.data.tags.get("status") == "ok":
             result.update(run.data.metrics, status="ok", error=None,
                           tflite_uri=f"runs:/{run.info.run_id}/model/model.tflite")
@@ -375,7 +422,7 @@ def select(ctx: dict) -> dict[str, Any]:
         if (report_dir / name).exists():
             tracking.log_artifact(parent, report_dir / name, "report")
     decision = selection.to_dict()
-    failed = [r["variant"] for r in results if r.get("status") != "ok"]
+    failed = [r["variant"] for r in results if r.get("status") == "failed"]
     selected = {"selection": decision, "summary_markdown": markdown, "failed_variants": failed,
                 "variants_ok": len(ok), "variants_total": len(results)}
     tracking.log_dict(parent, {**selected, "results": results}, SELECTION_RECORD)
@@ -422,7 +469,8 @@ def one_line(error: BaseException) -> str:
     """The first line of an error; our own errors are already phrased for the user."""
     lines = str(error).strip().splitlines()
     first = lines[0] if lines else ""
-    if isinstance(error, (PipelineInputError, VariantFailed, tracking.TrackingServerUnreachable,
+    if isinstance(error, (PipelineInputError, VariantFailed, VariantSkipped,
+                          tracking.TrackingServerUnreachable,
                           tracking.ArtifactStoreError)) and first:
         return first[:500]
     return f"{type(error).__name__}: {first}"[:500]

@@ -179,3 +179,50 @@ def test_tfmot_techniques_work_on_the_translation_and_it_converts(technique, tra
                             qat=technique == "qat")
     scores = TFLiteRunner(path).scores(small_dataset.x_test[:16])
     assert scores.shape == (16, 10) and np.all(np.isfinite(scores))
+
+
+# ------------------------------------------------- a Keras 3 model through the whole pipeline
+def _image_folder(dataset, root, classes=3, per_class=120):
+    """An image folder (one subfolder per class) of Fashion-MNIST PNGs."""
+    from PIL import Image
+    for label in range(classes):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        for i in np.flatnonzero(dataset.y_train == label)[:per_class]:
+            Image.fromarray((dataset.x_train[i, :, :, 0] * 255).astype(np.uint8)).save(
+                folder / f"{i}.png")
+    return root
+
+
+def test_a_keras3_model_gets_every_technique(small_dataset, tmp_path):
+    """A Keras 3 model with a residual branch, BN, depthwise and separable convolutions and a
+    Rescaling layer, trained on an image folder: the training-time variants run on its tf_keras
+    translation (parity recorded as a metric)."""
+    import keras
+    from mlflow import MlflowClient
+
+    from pipeline import stages
+    from pipeline.__main__ import _run_stages
+    folder = _image_folder(small_dataset, tmp_path / "images")
+    keras.utils.set_random_seed(3)
+    model = residual_cnn()
+    head = keras.layers.Dense(3, activation="softmax")(model.layers[-2].output)
+    model = keras.Model(model.inputs, head)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    from pipeline.data import load_dataset
+    data = load_dataset(str(folder), input_shape=(28, 28, 1))
+    model.fit(data.x_train, data.y_train, epochs=3, batch_size=32, verbose=0)
+    model.save(tmp_path / "user.keras")
+
+    variants = ["float32", "prune-int8", "cluster-dynamic", "qat-int8", "distill-dynamic"]
+    config = {"model_path": str(tmp_path / "user.keras"), "dataset": str(folder),
+              "variants": variants, "prune_epochs": 1, "finetune_epochs": 1, "distill_epochs": 1,
+              "latency_runs": 10, "latency_warmup": 2, "calibration_samples": 32,
+              "experiment": "keras3-pipeline", "registered_model_name": "keras3-pipeline"}
+    ctx, selected, _ = _run_stages(config, "keras3-pipeline-run")
+    results = {r["variant"]: r for r in stages.results_of(ctx)}
+    assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(variants, "ok"), \
+        {name: r.get("error") for name, r in results.items()}
+    parent = MlflowClient().get_run(ctx["parent_run_id"])
+    assert parent.data.metrics["keras3_translation_max_abs_diff"] < 1e-4
+    assert results["prune-int8"]["sparsity"] > 0.3

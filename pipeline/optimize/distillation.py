@@ -1,6 +1,9 @@
-"""Knowledge distillation: train a smaller student CNN (`build_cnn` at `config.student_width`,
-about a quarter of the default CNN's multiply-adds at width 0.5) on the teacher's
-temperature-softened outputs plus the hard labels.
+"""Knowledge distillation: train a smaller student on the teacher's temperature-softened outputs
+plus the hard labels. The student of the pipeline's own CNN is `build_cnn` at
+`config.student_width` (about a quarter of its multiply-adds at width 0.5); the student of any
+other architecture (a user's model, a Keras 3 model's translation) is a width-scaled copy of it:
+the same layers with filters and hidden units times `student_width`, the output layer unchanged,
+trained from scratch.
 
     loss = alpha * CE(labels, student)
            + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
@@ -28,8 +31,11 @@ NAME = "distill"
 def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     keras = tf_keras()
     teacher = model
-    student = build_cnn(dataset.input_shape, dataset.num_classes, width=config.student_width,
-                        name="student_cnn")
+    if teacher.name == "cnn":  # the pipeline's own default CNN (build_cnn's name)
+        student = build_cnn(dataset.input_shape, dataset.num_classes, width=config.student_width,
+                            name="student_cnn")
+    else:
+        student = scaled_copy(teacher, config.student_width)
     teacher_macs, student_macs = count_macs(teacher), count_macs(student)
     if teacher_macs and student_macs >= teacher_macs:
         raise optimize.TechniqueError(
@@ -43,6 +49,36 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     plain = keras.models.clone_model(student)
     plain.set_weights(student.get_weights())
     return plain
+
+
+# Layer classes whose width (output channels or units) the student scales, by config key.
+_WIDTH_KEYS = {"Conv2D": "filters", "SeparableConv2D": "filters", "Dense": "units"}
+
+
+def scaled_copy(teacher, width: float):
+    """The teacher's architecture with every Conv2D/SeparableConv2D's filters and every hidden
+    Dense layer's units times `width` (at least 4), fresh weights. The output layers keep their
+    width; layers that follow a scaled one (BatchNormalization, depthwise convs, Add) take the
+    new width when the copy is built."""
+    keras = tf_keras()
+    # The model's output layers and its last Dense (the class scores, maybe before a softmax
+    # Activation layer) keep their width.
+    dense = [layer.name for layer in teacher.layers if type(layer).__name__ == "Dense"]
+    keep = set(teacher.output_names) | set(dense[-1:])
+
+    def clone(layer):
+        config = layer.get_config()
+        key = _WIDTH_KEYS.get(type(layer).__name__)
+        if key and layer.name not in keep:
+            config[key] = max(4, int(round(config[key] * width)))
+        return layer.__class__.from_config(config)
+
+    try:
+        return keras.models.clone_model(teacher, clone_function=clone)
+    except (ValueError, TypeError) as error:
+        raise optimize.TechniqueError(
+            f"{NAME}: cannot build a width-scaled student of {teacher.name} ({error}); use a "
+            "model without fixed-size Reshape layers, or skip distill") from None
 
 
 def fit_to_teacher(student, teacher, dataset, config, *, epochs: int,
