@@ -84,8 +84,8 @@ def measure(model_path: str | Path, *, runs: int = 200, warmup: int = 20, num_th
     """Measure in a fresh subprocess; raises RuntimeError with the child's error if it fails.
 
     `runtime="compiled"` falls back to the interpreter for a model the CompiledModel refuses: the
-    result's `runtime` says which one measured it and `fallback_reason` why (e.g. int16x8, which
-    XNNPACK does not run: the interpreter's built-in kernels do)."""
+    result's `runtime` says which one measured it and `fallback_reason` why (e.g. a model with an
+    int16 input, which LiteRT's Python TensorBuffer cannot be written with)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
     figures = fallback_reason = None

@@ -11,36 +11,48 @@ the converter's float32 output, so it serves every model source, a user's bare .
 - `quantize_mixed(...)`: int4 everywhere except the most sensitive ops, kept at int8 (or float),
   the fewest that bring the accuracy within a budget of the float32 reference.
 
-int4 is dynamic-range ("DRQ"): int4 weights, float activations quantized on the fly by the kernel.
-The quantizer has int4 kernels for FULLY_CONNECTED, CONV_2D and EMBEDDING_LOOKUP; the other
-weighted ops (DEPTHWISE_CONV_2D, CONV_2D_TRANSPOSE, BATCH_MATMUL) get int8 weights, so no weight
-stays float32. Weight-only int4 (dequantize op, float kernels) was 2.7x slower than dynamic int4
-on the default CNN (DESIGN: 0.424 vs 0.156 ms) at the same size, so it is not offered.
+int4 is dynamic-range: int4 weights, float activations that the kernel quantizes on the fly.
+Only FULLY_CONNECTED and EMBEDDING_LOOKUP get int4 by default; every other weighted op gets int8,
+so no weight stays float32. The choices, measured on the default CNN (3 epochs on the full
+Fashion-MNIST training set; full test set; `pipeline.benchmark.measure`, batch 1, one thread,
+CompiledModel on XNNPACK; one run on one machine, compare within it only):
 
-Channelwise int4 (one scale per output channel) is the default over blockwise (one scale per 32
-weights along the input axis; the quantizer offers it for FULLY_CONNECTED only, CONV_2D stays
-channelwise). Measured on the default CNN (Fashion-MNIST, float32 1,690,016 B, 91.77 %), batch
-1, one thread, `pipeline.benchmark.measure` (compiled runtime):
-  channelwise  214,128 B  91.30 % (-0.47 pts)  0.175 ms
-  block 32     299,424 B  91.68 % (-0.09 pts)  0.479 ms
-Blockwise pays a scale per 32 weights (+40 % bytes) and runs 2.7x slower for 0.4 pts, which the
-`mixed` mode buys more cheaply by keeping the one sensitive layer at int8 instead.
+                               bytes    gzip B   accuracy  p50 ms
+  float32 (converter)      1,689,772 1,565,627    0.9118   0.053
+  int8 (converter)           431,624   378,986    0.9117   0.018
+  int4 channelwise [chosen]  227,016   172,226    0.9113   0.021
+  int4 blockwise (32)        250,776   221,055    0.9112   0.021
+  int4 + CONV_2D int4        217,656   162,042    0.9094   0.069
+  weight-only int4           218,112   162,155    0.9098   0.216
+
+- Channelwise (one scale per output channel) over blockwise (one per 32 inputs; the quantizer
+  offers blocks for FULLY_CONNECTED only): blocks cost 10 % more bytes (28 % gzipped) for no
+  accuracy here. `block_size=` selects them.
+- CONV_2D stays int8: XNNPACK leaves an int4 CONV_2D to LiteRT's built-in hybrid kernel (the
+  graph splits into XNNPACK partitions around it), so int4 convolutions made the CNN 3.3x
+  slower (and slower than float32) for 4 % fewer bytes; on a conv-only net (8 convs, 64x64x3)
+  they halved the size but ran 4.2x slower than int8 convs (1.76 vs 0.42 ms; float32 1.42 ms).
+  `int4_ops=INT4_CAPABLE_OPS` opts in.
+- Dynamic over weight-only int4 (a DEQUANTIZE before float kernels): 10x slower at a similar
+  size.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
 MODES = ("dynamic", "float16", "int8", "int16x8", "int4")
-# Weighted ops, by the quantizer's names (the interpreter says TRANSPOSE_CONV).
-WEIGHT_OPERAND = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1,
-                  "CONV_2D_TRANSPOSE": 1, "BATCH_MATMUL": 1, "EMBEDDING_LOOKUP": 1}
+# Ops with a weight operand (input 1 of each), by the quantizer's names (the interpreter says
+# TRANSPOSE_CONV).
+WEIGHTED_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE",
+                "BATCH_MATMUL", "EMBEDDING_LOOKUP")
 INTERPRETER_OP_NAMES = {"TRANSPOSE_CONV": "CONV_2D_TRANSPOSE"}
 # Ops the quantizer can give int4 dynamic weights.
 INT4_CAPABLE_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP", "CONV_2D")
@@ -49,8 +61,10 @@ INT4_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP")
 # Blockwise int4 exists for these only.
 INT4_BLOCKWISE_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP")
 BLOCK_SIZES = (32, 64, 128, 256)
-# Images fed to each validation in `sensitivity` (one batch: two interpreters per op).
+# Images fed to each validation in `sensitivity` (one batch: two interpreters per op, which
+# keep every intermediate tensor), fewer for large inputs: at most this many input values.
 SENSITIVITY_IMAGES = 64
+SENSITIVITY_INPUT_VALUES = 1_000_000
 # Threads for the quantizer's calibration and validation interpreters (its default is 16).
 NUM_THREADS = 2
 
@@ -72,10 +86,13 @@ class WeightedOp:
 
 @dataclass
 class MixedResult:
-    """What `quantize_mixed` made: `layers` maps each weighted op's name to `int4`, `int8` or
-    `float32`; `trials` lists every model evaluated ({kept, accuracy, drop_pts}), in order."""
+    """What `quantize_mixed` made: `layers` maps each weighted op's name to the precision of its
+    weights (`int4`, `int8` or `float32`); `kept` names the int4-capable ops kept at higher
+    precision, most sensitive first; `trials` lists every model evaluated ({kept, accuracy,
+    drop_pts}), in order."""
     path: Path
     layers: dict[str, str]
+    kept: list[str]
     accuracy: float
     reference_accuracy: float
     max_drop_pts: float
@@ -96,12 +113,13 @@ def quantize_tflite(mode: str, float_tflite_path: str | Path, out_path: str | Pa
     """Quantize a float32 .tflite with `mode` and write `out_path` atomically; returns the path.
 
     `calibration` (needed by `int8` and `int16x8`): float32 input batches (N, H, W, C) from the
-    dataset, as an iterable or a function returning one; items may also be [batch] lists, as
-    the converter's representative datasets yield. `block_size` (int4 only): blockwise int4
-    with that many weights per scale on ops that support it (default: channelwise, see the
-    module docstring); `int4_ops`: the op kinds given int4 weights (a subset of
-    INT4_CAPABLE_OPS; the other weighted ops get int8). Raises QuantizerError if the quantizer or
-    the runtime refuses the model.
+    dataset, as one array, an iterable of them or a function returning one; items may also be
+    [batch] lists, as the converter's representative datasets yield. `block_size` (int4 only):
+    blockwise int4 with that many weights per scale on the ops that have it (default:
+    channelwise, see the module docstring); `int4_ops`: the op kinds given int4 weights (among
+    INT4_CAPABLE_OPS; the other weighted ops get int8). `int8` has int8 input and output, the
+    other modes float ones, as from the converter. Raises QuantizerError if the quantizer or
+    the runtime refuses the model, or (int8, int16x8) an op would stay float.
     """
     if mode == "mixed":
         raise ValueError("mixed mode needs an accuracy callback: call quantize_mixed()")
@@ -112,14 +130,14 @@ def quantize_tflite(mode: str, float_tflite_path: str | Path, out_path: str | Pa
     if not set(int4_ops) <= set(INT4_CAPABLE_OPS):
         raise ValueError(f"int4_ops must be among {', '.join(INT4_CAPABLE_OPS)}")
     float_tflite_path = Path(float_tflite_path)
-    ops = weighted_ops(float_tflite_path)
+    ops = _read_ops(float_tflite_path, mode)
     return _quantize(mode, float_tflite_path, out_path, calibration,
                      lambda qt: _add_mode(qt, mode, block_size=block_size, int4_ops=int4_ops), ops)
 
 
 def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=None) -> list[dict]:
     """Per weighted op: how much quantizing that op alone (as `mode` would) disturbs its own
-    output and the model's output, on up to SENSITIVITY_IMAGES calibration images.
+    output and the model's output, on a batch of calibration images (SENSITIVITY_IMAGES).
 
     Rows, in graph order: `layer` (the op's output tensor name), `op`, `weights` (element count
     of its weight tensor), `quantization` (what `mode` gives it), `layer_snr_db`,
@@ -129,12 +147,13 @@ def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=N
     if mode not in MODES:
         raise ValueError(f"unknown quantizer mode {mode!r}; one of {', '.join(MODES)}")
     float_tflite_path = Path(float_tflite_path)
+    ops = _read_ops(float_tflite_path, mode)  # a readable model first, then its signature
     signature, input_name, output_names = _signature(float_tflite_path, mode)
-    batch = _calibration_batch(calibration, mode, float_tflite_path, SENSITIVITY_IMAGES)
+    batch = _calibration_batch(calibration, mode, float_tflite_path)
     test_data = {signature: [{input_name: batch}]}
     metrics = [lq.ValidationErrorMetric.SNR, lq.ValidationErrorMetric.COSINE_SIMILARITY]
     rows = []
-    for op in weighted_ops(float_tflite_path):
+    for op in ops:
         qt = _quantizer(float_tflite_path, mode)
         _add_mode(qt, mode, regex=_exact(op.scope), op_name=op.op)
         with _refusals(mode, float_tflite_path, op.name):
@@ -146,7 +165,8 @@ def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=N
         rows.append({
             "layer": op.name, "op": op.op, "weights": op.weights,
             "quantization": _op_precision(mode, op),
-            "layer_snr_db": _db(layer.get("snr")), "layer_cosine": _finite(layer.get("cosine_similarity")),
+            "layer_snr_db": _db(layer.get("snr")),
+            "layer_cosine": _finite(layer.get("cosine_similarity")),
             "output_snr_db": _db(output.get("snr")),
             "output_cosine": _finite(output.get("cosine_similarity")),
         })
@@ -161,20 +181,21 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
     the fewest, taken in order of sensitivity (lowest output SNR first), that bring the accuracy
     within `max_drop_pts` percentage points of the float32 reference.
 
-    `accuracy_of(tflite_path) -> float` is the caller's measure (a 0..1 fraction, e.g.
-    evaluate_tflite(...).accuracy on the test set); `reference_accuracy` is the float32 model's
-    (measured with `accuracy_of` if not given). `table` is `sensitivity(path, "int4", ...)`'s
+    `accuracy_of(tflite_path) -> float` is the caller's measure, a 0..1 fraction (e.g.
+    evaluate_tflite(...).accuracy on the validation split, so the test set stays unbiased);
+    `reference_accuracy` is the float32 reference's by the same measure (if not given,
+    `accuracy_of(float_tflite_path)`). `table` is `sensitivity(path, "int4", ...)`'s
     result (computed from `calibration` if not given). The number kept is searched by bisection
     (every model evaluated is listed in `trials`); if even all kept misses the budget, that model
     is written and `within_budget` is False. Writes `out_path` atomically."""
     if keep not in ("int8", "float32"):
         raise ValueError("keep must be 'int8' or 'float32'")
     float_tflite_path, out_path = Path(float_tflite_path), Path(out_path)
-    ops = weighted_ops(float_tflite_path)
+    ops = _read_ops(float_tflite_path, "mixed")
     if table is None:
         table = sensitivity(float_tflite_path, "int4", calibration)
     by_name = {op.name: op for op in ops}
-    ranked = [by_name[row["layer"]] for row in sorted(table, key=lambda r: r["output_snr_db"])
+    ranked = [by_name[row["layer"]] for row in sorted(table, key=_sensitivity_key)
               if row["layer"] in by_name and row["quantization"] == "int4"]
     if reference_accuracy is None:
         reference_accuracy = float(accuracy_of(float_tflite_path))
@@ -218,8 +239,9 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
     layers = {op.name: (keep if op.name in kept_names else "int4" if op.name in int4_names
                         else _fixed_precision(op)) for op in ops}
     accuracy = tried[chosen]
-    return MixedResult(path=out_path, layers=layers, accuracy=accuracy,
-                       reference_accuracy=reference_accuracy, max_drop_pts=max_drop_pts,
+    return MixedResult(path=out_path, layers=layers, kept=[op.name for op in ranked[:chosen]],
+                       accuracy=accuracy, reference_accuracy=reference_accuracy,
+                       max_drop_pts=max_drop_pts,
                        within_budget=(reference_accuracy - accuracy) * 100.0 <= max_drop_pts,
                        trials=trials)
 
@@ -227,8 +249,9 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
 def weighted_ops(tflite_path: str | Path) -> list[WeightedOp]:
     """The ops with a constant weight tensor, in graph order."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    interpreter = Interpreter(model_path=str(tflite_path),
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = Interpreter(
+        model_path=str(tflite_path),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()  # noqa: SLF001 (the only way to walk the graph)
     produced = {out for op in ops for out in op["outputs"]}
@@ -236,10 +259,9 @@ def weighted_ops(tflite_path: str | Path) -> list[WeightedOp]:
     found = []
     for op in ops:
         name = INTERPRETER_OP_NAMES.get(op["op_name"], op["op_name"])
-        operand = WEIGHT_OPERAND.get(name)
-        if operand is None or len(op["inputs"]) <= operand:
+        if name not in WEIGHTED_OPS or len(op["inputs"]) < 2:
             continue
-        weight = op["inputs"][operand]
+        weight = op["inputs"][1]
         if weight < 0 or weight in produced or weight in graph_inputs:
             continue  # a runtime tensor (e.g. BATCH_MATMUL of two activations)
         outputs = [tensors[i]["name"] for i in op["outputs"] if i >= 0 and tensors[i]["name"]]
@@ -309,13 +331,18 @@ def _op_precision(mode: str, op: WeightedOp) -> str:
 
 # --- running the quantizer -----------------------------------------------------------------------
 
+def _read_ops(path: Path, mode: str) -> list[WeightedOp]:
+    try:
+        return weighted_ops(path)
+    except ValueError as error:  # the interpreter's word for a file that is not a .tflite
+        raise QuantizerError(f"{mode} quantization of {path.name} failed: cannot read the model "
+                             f"({_last_line(error)})") from error
+
+
 def _quantizer(float_tflite_path: Path, mode: str):
     from litert_quantizer import Quantizer
-    try:
+    with _refusals(mode, float_tflite_path):
         return Quantizer(str(float_tflite_path))
-    except Exception as error:  # the flatbuffer reader raises anything from struct.error on
-        raise QuantizerError(f"{mode} quantization of {float_tflite_path.name} failed: cannot read "
-                             f"the model ({_last_line(error)})") from error
 
 
 def _quantize(mode: str, float_tflite_path: Path, out_path, calibration, configure,
@@ -324,11 +351,11 @@ def _quantize(mode: str, float_tflite_path: Path, out_path, calibration, configu
     out_path = Path(out_path)
     if not ops:
         raise QuantizerError(f"{mode} quantization of {float_tflite_path.name}: the model has no "
-                             f"weighted op ({', '.join(WEIGHT_OPERAND)}) to quantize")
+                             f"weighted op ({', '.join(WEIGHTED_OPS)}) to quantize")
     qt = _quantizer(float_tflite_path, mode)
-    if not tfl_flatbuffer_utils.is_float_model(qt._float_model):  # noqa: SLF001
-        raise QuantizerError(f"{mode} quantization of {float_tflite_path.name}: the model is already "
-                             f"quantized; give the float32 .tflite")
+    if not tfl_flatbuffer_utils.is_float_model(qt._float_model):  # noqa: SLF001 (parsed already)
+        raise QuantizerError(f"{mode} quantization of {float_tflite_path.name}: the model is "
+                             f"already quantized; give the float32 .tflite")
     configure(qt)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -342,6 +369,8 @@ def _quantize(mode: str, float_tflite_path: Path, out_path, calibration, configu
         result.export_model(str(tmp), overwrite=True)
     try:
         _check_runs(tmp, mode, float_tflite_path)
+        if mode in ("int8", "int16x8"):
+            _check_integer(tmp, mode, float_tflite_path)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -354,19 +383,16 @@ def _calibrate(qt, test_data):
     return qt.calibrate(test_data, num_threads=NUM_THREADS)
 
 
-class _refusals:
+@contextmanager
+def _refusals(mode: str, path: Path, op: str | None = None):
     """Turn the quantizer's exceptions into one-line QuantizerErrors naming mode, model, op."""
-
-    def __init__(self, mode: str, path: Path, op: str | None = None):
-        self.where = f"{mode} quantization of {path.name}" + (f" (op {op})" if op else "")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if error is None or isinstance(error, (QuantizerError, KeyboardInterrupt)):
-            return False
-        raise QuantizerError(f"{self.where} failed: {_last_line(error)}") from error
+    try:
+        yield
+    except QuantizerError:
+        raise
+    except Exception as error:
+        where = f"{mode} quantization of {path.name}" + (f" (op {op})" if op else "")
+        raise QuantizerError(f"{where} failed: {_last_line(error)}") from error
 
 
 def _check_runs(path: Path, mode: str, source: Path) -> None:
@@ -384,6 +410,22 @@ def _check_runs(path: Path, mode: str, source: Path) -> None:
     except Exception as error:
         raise QuantizerError(f"{mode} quantization of {source.name}: the LiteRT runtime cannot run "
                              f"the result ({_last_line(error)})") from error
+
+
+def _check_integer(path: Path, mode: str, source: Path) -> None:
+    """int8 and int16x8 are full-integer modes (as the converter's): an op the quantizer has no
+    integer recipe for stays float between a DEQUANTIZE and a QUANTIZE, which an integer-only
+    accelerator cannot run, so the mode does not apply."""
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_path=str(path))
+    dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    floating = sorted({op["op_name"] for op in interpreter._get_ops_details()  # noqa: SLF001
+                       if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")
+                       and any(dtypes.get(i) == np.float32 for i in op["outputs"])})
+    if floating:
+        raise QuantizerError(f"{mode} quantization of {source.name}: LiteRT Quantizer has no "
+                             f"{mode} recipe for {', '.join(floating)} (they would stay float); "
+                             f"use dynamic or int4, or convert from the Keras model")
 
 
 def _signature(path: Path, mode: str) -> tuple[str, str, list[str]]:
@@ -413,6 +455,8 @@ def _batches(calibration, mode: str, path: Path) -> list[np.ndarray]:
                              f"(float32 input batches from the dataset)")
     if callable(calibration):
         calibration = calibration()
+    if isinstance(calibration, np.ndarray):
+        calibration = [calibration]  # one batch of images
     batches = []
     for item in calibration:
         if isinstance(item, dict):
@@ -425,9 +469,17 @@ def _batches(calibration, mode: str, path: Path) -> list[np.ndarray]:
     return batches
 
 
-def _calibration_batch(calibration, mode: str, path: Path, limit: int) -> np.ndarray:
-    """Up to `limit` calibration images as one batch."""
-    return np.concatenate(_batches(calibration, mode, path))[:limit]
+def _calibration_batch(calibration, mode: str, path: Path) -> np.ndarray:
+    """Some calibration images as one batch (see SENSITIVITY_IMAGES)."""
+    images = np.concatenate(_batches(calibration, mode, path))
+    per_image = max(1, int(np.prod(images.shape[1:])))
+    return images[:max(4, min(SENSITIVITY_IMAGES, SENSITIVITY_INPUT_VALUES // per_image))]
+
+
+def _sensitivity_key(row: dict) -> float:
+    """Sort key, most sensitive first: the output SNR (unmeasured counts as most sensitive)."""
+    value = row.get("output_snr_db")
+    return value if value is not None and math.isfinite(value) else -math.inf
 
 
 def _db(ratio) -> float:

@@ -1,0 +1,148 @@
+"""LiteRT Quantizer modes on a float32 .tflite: int4, mixed int4/int8, sensitivity, and the
+converter's modes for a model whose only source is a .tflite."""
+import numpy as np
+import pytest
+
+from pipeline import models
+from pipeline.benchmark import measure
+from pipeline.evaluate import evaluate_tflite, make_interpreter
+from pipeline.litert import TFLiteRunner
+from pipeline.litert_quantizer import (QuantizerError, quantize_mixed, quantize_tflite,
+                                       sensitivity, weighted_ops)
+from pipeline.quantize import convert
+from pipeline.report import sensitivity_markdown
+
+
+@pytest.fixture(scope="module")
+def tflite(tiny_model_path, small_dataset, tmp_path_factory):
+    """The tiny CNN's float32 and converter-dynamic .tflite files, and its quantizer int4 file."""
+    out = tmp_path_factory.mktemp("litert-quantizer")
+    model = models.load_model(tiny_model_path)
+    paths = {mode: convert(mode, out / f"{mode}.tflite", model=model)
+             for mode in ("float32", "dynamic")}
+    paths["int4"] = quantize_tflite("int4", paths["float32"], out / "int4.tflite")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def calibration(small_dataset):
+    return [small_dataset.x_train[i:i + 32] for i in range(0, 128, 32)]
+
+
+def accuracy(path, dataset):
+    return evaluate_tflite(str(path), dataset.x_test, dataset.y_test, dataset.class_names).accuracy
+
+
+def int4_weight_tensors(path) -> int:
+    """Tensors stored as INT4 in the flatbuffer (the interpreter reports them as int8)."""
+    from litert_quantizer import qtyping
+    from litert_quantizer.utils import tfl_flatbuffer_utils
+    model = tfl_flatbuffer_utils.read_model(str(path))
+    return sum(t.type == qtyping.TensorType.INT4 for t in model.subgraphs[0].tensors)
+
+
+def test_int4_is_much_smaller_than_int8_runs_and_keeps_accuracy(tflite, small_dataset):
+    assert tflite["int4"].stat().st_size < 0.65 * tflite["dynamic"].stat().st_size
+    assert int4_weight_tensors(tflite["int4"]) == 2  # both Dense kernels; convs stay int8
+    assert accuracy(tflite["int4"], small_dataset) >= accuracy(tflite["float32"], small_dataset) - 0.03
+    scores = TFLiteRunner(tflite["int4"]).scores(small_dataset.x_test[:40])
+    assert scores.shape == (40, small_dataset.num_classes) and np.isfinite(scores).all()
+    measured = measure(tflite["int4"], runs=5, warmup=1)
+    assert measured.runtime == "compiled" and measured.fallback_reason is None
+
+
+def test_measure_reports_the_runtime_it_fell_back_to(tflite, calibration, tmp_path):
+    from litert_quantizer import Quantizer, recipe
+    quantizer = Quantizer(str(tflite["float32"]))  # int16 input: the CompiledModel cannot be fed
+    quantizer.load_quantization_recipe(recipe.static_wi8_ai16())
+    (key, signature), = make_interpreter(str(tflite["float32"])).get_signature_list().items()
+    data = {key: [{signature["inputs"][0]: batch} for batch in calibration]}
+    int16_io = tmp_path / "int16-io.tflite"
+    quantizer.quantize(quantizer.calibrate(data, num_threads=1)).export_model(str(int16_io))
+    measured = measure(int16_io, runs=3, warmup=1)
+    assert measured.runtime == "interpreter" and "int16" in measured.fallback_reason
+    assert measured.latency_ms_p50 > 0
+
+
+def test_sensitivity_has_one_finite_row_per_weighted_op(tflite, calibration):
+    rows = sensitivity(tflite["float32"], "int4", calibration)
+    assert [row["op"] for row in rows] == ["CONV_2D", "CONV_2D", "FULLY_CONNECTED", "FULLY_CONNECTED"]
+    assert [row["quantization"] for row in rows] == ["int8", "int8", "int4", "int4"]
+    assert len({row["layer"] for row in rows}) == 4
+    assert [row["weights"] for row in rows] == [op.weights for op in weighted_ops(tflite["float32"])]
+    for row in rows:
+        for key in ("layer_snr_db", "layer_cosine", "output_snr_db", "output_cosine"):
+            assert np.isfinite(row[key]), (row["layer"], key)
+        assert 0.9 < row["output_cosine"] <= 1.0 + 1e-6
+    int4_snr = max(r["layer_snr_db"] for r in rows if r["quantization"] == "int4")
+    assert int4_snr < min(r["layer_snr_db"] for r in rows if r["quantization"] == "int8")
+    table = sensitivity_markdown(rows)
+    assert table.count("\n") == 2 + len(rows) and "FULLY_CONNECTED" in table
+
+
+def test_mixed_keeps_sensitive_layers_until_the_budget_holds(tflite, small_dataset, calibration,
+                                                             tmp_path):
+    table = sensitivity(tflite["float32"], "int4", calibration)
+
+    def two_points_per_int4_tensor(path):  # deterministic: each int4 kernel costs 2 points
+        return 0.9 - 0.02 * int4_weight_tensors(path)
+
+    tight = quantize_mixed(tflite["float32"], tmp_path / "tight.tflite",
+                           accuracy_of=two_points_per_int4_tensor, max_drop_pts=2.5, table=table)
+    assert tight.within_budget and len(tight.kept) == 1
+    most_sensitive = min((r for r in table if r["quantization"] == "int4"),
+                         key=lambda r: r["output_snr_db"])["layer"]
+    assert tight.kept == [most_sensitive] and tight.layers[most_sensitive] == "int8"
+    assert int4_weight_tensors(tight.path) == 1
+    size = tight.path.stat().st_size
+    assert tflite["int4"].stat().st_size < size < tflite["dynamic"].stat().st_size
+
+    huge = quantize_mixed(tflite["float32"], tmp_path / "huge.tflite", calibration=calibration,
+                          accuracy_of=lambda path: accuracy(path, small_dataset), max_drop_pts=50)
+    assert huge.kept == [] and len(huge.trials) == 1
+    assert int4_weight_tensors(huge.path) == 2
+    assert not list(tmp_path.glob("*.candidate*"))
+
+
+def test_a_tflite_alone_gives_dynamic_int8_and_int4(tflite, small_dataset, calibration, tmp_path):
+    float_accuracy = accuracy(tflite["float32"], small_dataset)
+    for mode in ("dynamic", "int8", "int4"):
+        path = quantize_tflite(mode, tflite["float32"], tmp_path / f"{mode}.tflite",
+                               calibration=calibration if mode == "int8" else None)
+        assert path.stat().st_size < 0.3 * tflite["float32"].stat().st_size, mode
+        assert accuracy(path, small_dataset) >= float_accuracy - 0.03, mode
+    assert make_interpreter(str(tmp_path / "int8.tflite")).get_input_details()[0]["dtype"] == np.int8
+
+
+def test_refusals_are_one_line_quantizer_errors(tflite, small_dataset, calibration, tmp_path):
+    import tf_keras
+    with pytest.raises(QuantizerError, match="^int8 quantization of float32.tflite needs calibration"):
+        quantize_tflite("int8", tflite["float32"], tmp_path / "a.tflite")
+    with pytest.raises(QuantizerError, match="already quantized"):
+        quantize_tflite("int4", tflite["dynamic"], tmp_path / "b.tflite")
+    (tmp_path / "junk.tflite").write_bytes(b"\x00" * 64)
+    with pytest.raises(QuantizerError, match="^int4 quantization of junk.tflite failed: cannot read"):
+        quantize_tflite("int4", tmp_path / "junk.tflite", tmp_path / "b.tflite")
+    layers = tf_keras.layers
+    leaky = tf_keras.Sequential([tf_keras.Input(small_dataset.input_shape), layers.Conv2D(4, 3),
+                                 layers.LeakyReLU(), layers.Flatten(), layers.Dense(10)])
+    source = convert("float32", tmp_path / "leaky.tflite", model=leaky)
+    with pytest.raises(QuantizerError, match="LEAKY_RELU") as refused:
+        quantize_tflite("int8", source, tmp_path / "c.tflite", calibration=calibration)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "c.tflite").exists() and not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="quantize_mixed"):
+        quantize_tflite("mixed", tflite["float32"], tmp_path / "d.tflite")
+
+
+def test_int4_and_mixed_variant_names():
+    from pipeline.errors import PipelineInputError
+    from pipeline.quantize import configure
+    from pipeline.variants import parse_variant
+    for name in ("int4", "cluster-int4", "prune+cluster-int4", "distill-int4", "mixed"):
+        assert parse_variant(name).name == name
+    assert parse_variant("prune+cluster-int4").quantization == "int4"
+    with pytest.raises(PipelineInputError, match="int8"):
+        parse_variant("qat-int4")
+    with pytest.raises(ValueError, match="litert_quantizer"):
+        configure(object(), "int4")  # the TF converter must not mistake int4 for dynamic
