@@ -37,6 +37,7 @@ class TFLiteRunner:
         self.image_shape = tuple(int(d) for d in self._input["shape"][1:])
         self.input_dtype = np.dtype(self._input["dtype"]).name
         self.feature_count = int(np.prod(self.image_shape))
+        self.output_shape = tuple(int(d) for d in self._output["shape"][1:])
         self._batch = None
         self.max_batch = max_batch
         self._lock = threading.Lock()  # one interpreter, possibly many server threads

@@ -112,8 +112,10 @@ def model_kind(path: str | Path) -> str:
         return "keras3" if _keras_zip_version(path).startswith("3") else "tf_keras"
     if suffix in (".h5", ".hdf5"):
         return "keras3" if _h5_attrs(path)[0].startswith("3") else "tf_keras"
-    raise PipelineInputError(f"unsupported model file {path.name}: give a .keras or .h5 file or a "
-                             "SavedModel directory")
+    if suffix == ".tflite":
+        return "tflite"
+    raise PipelineInputError(f"unsupported model file {path.name}: give a .keras, .h5 or float32 "
+                             ".tflite file or a SavedModel directory")
 
 
 def load_model(path: str | Path, allow_unsafe: bool = False):
@@ -138,6 +140,8 @@ def load_model(path: str | Path, allow_unsafe: bool = False):
             if path.suffix == ".keras":
                 kwargs["safe_mode"] = not allow_unsafe
             return keras.models.load_model(str(path), **kwargs)
+        if kind == "tflite":
+            return TFLiteModel(path)
         return SavedModelClassifier(path)
     except PipelineInputError:
         raise
@@ -153,8 +157,9 @@ def io_shape(model, path: str | Path = "model") -> tuple[tuple[int, ...], int]:
     if inputs is not None and len(inputs) != 1:
         raise PipelineInputError(f"model {Path(path).name} has {len(inputs)} inputs: the pipeline "
                                  "compresses single-input image classifiers")
-    in_shape = tuple(model.input_shape[1:]) if not isinstance(model, SavedModelClassifier) else model.input_shape
-    out_shape = tuple(model.output_shape[1:]) if not isinstance(model, SavedModelClassifier) else model.output_shape
+    graph_only = isinstance(model, (SavedModelClassifier, TFLiteModel))  # shapes without batch
+    in_shape = tuple(model.input_shape) if graph_only else tuple(model.input_shape[1:])
+    out_shape = tuple(model.output_shape) if graph_only else tuple(model.output_shape[1:])
     if len(in_shape) != 3 or any(d is None for d in in_shape):
         raise PipelineInputError(f"model {Path(path).name} takes inputs of shape {in_shape}: the "
                                  "pipeline needs a fixed (height, width, channels) image input")
@@ -203,6 +208,35 @@ class SavedModelClassifier:
         return np.concatenate(results)
 
 
+class TFLiteModel:
+    """A float32 LiteRT model brought as is (e.g. converted from PyTorch with litert-torch or from
+    JAX): run through the LiteRT interpreter; the post-training modes quantize the file itself."""
+
+    def __init__(self, path: Path):
+        from pipeline.litert import TFLiteRunner
+        self.path = Path(path)
+        self._runner = TFLiteRunner(path)
+        quantized = _quantized_tensors(path)
+        if quantized:
+            raise PipelineInputError(
+                f"{path.name} is already quantized ({quantized}): give the float32 .tflite the "
+                "pipeline can quantize every way")
+        self.input_shape = self._runner.image_shape
+        self.output_shape = self._runner.output_shape
+
+    def predict(self, x: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
+        return self._runner.scores(np.asarray(x, np.float32))
+
+
+def _quantized_tensors(path: Path) -> str:
+    """'int8 weights' and the like when the .tflite holds integer or float16 tensors."""
+    from ai_edge_litert.interpreter import Interpreter
+    kinds = {np.dtype(t["dtype"]).name for t in Interpreter(model_path=str(path))
+             .get_tensor_details()}
+    found = sorted(kinds & {"int8", "uint8", "int16", "float16", "int4"})
+    return ", ".join(f"{k} tensors" for k in found)
+
+
 def predict_classes(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0)).argmax(axis=-1)
 
@@ -235,6 +269,8 @@ def _h5_attrs(path: Path) -> tuple[str, Any]:
 
 
 def _unsafe_layers(path: Path, kind: str) -> set[str]:
+    if kind == "tflite":  # a graph of built-in ops: no Python code to run
+        return set()
     if path.is_dir():
         metadata = path / "keras_metadata.pb"
         text = metadata.read_bytes().decode("utf-8", "ignore") if metadata.exists() else ""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts, tracking
-from pipeline.files import save_array, write_json, write_text
+from pipeline.files import save_array, write_bytes, write_json, write_text
 from pipeline.config import PipelineConfig, work_dir
 from pipeline.errors import PipelineInputError
 from pipeline.variants import parse_variant, parse_variants
@@ -116,8 +116,12 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
     keras_predictions = models.predict_classes(model, dataset.x_test)
     predictions_path = run_dir / "keras_predictions" / "baseline.npy"
     save_array(predictions_path, keras_predictions)
-    source = {"saved_model_dir": str(model_file)} if kind == "saved_model" else {"model": model}
-    reference_path = convert("float32", run_dir / "reference" / "float32.tflite", **source)
+    reference_path = run_dir / "reference" / "float32.tflite"
+    if kind == "tflite":  # the user's float32 LiteRT model is its own reference
+        write_bytes(reference_path, Path(model_file).read_bytes())
+    else:
+        source = {"saved_model_dir": str(model_file)} if kind == "saved_model" else {"model": model}
+        convert("float32", reference_path, **source)
     reference = evaluate_tflite(str(reference_path), dataset.x_test, dataset.y_test,
                                 dataset.class_names, keras_predictions)
     keras_accuracy = float(np.mean(keras_predictions == dataset.y_test))
@@ -264,27 +268,78 @@ def _recipe_record(recipe: str) -> str:
 # ------------------------------------------------------------------------- per-variant stages
 def quantize(ctx: dict, variant_name: str) -> dict[str, Any]:
     """Convert the variant's source model; creates the variant's child run and stores the
-    .tflite as its artifact `model/model.tflite`."""
+    .tflite as its artifact `model/model.tflite`. The converter makes float32, dynamic, float16,
+    int8 and int16x8 from a Keras model or SavedModel; LiteRT Quantizer makes int4 and mixed from
+    the float32 .tflite, and every mode from a bare .tflite input."""
     variant = parse_variant(variant_name)
     run_id = tracking.child_run(ctx["parent_run_id"], variant.tags())
     with _variant_failure(run_id, variant.name):
         from pipeline.data import Dataset
         from pipeline.quantize import convert
+        from pipeline.variants import CONVERTER_MODES
         config = config_of(ctx)
+        mode = variant.quantization
         source, recipe_info = _conversion_source(ctx, variant.recipe)
-        calibration = None
-        if variant.quantization in ("int8", "int16x8"):
+        dataset = calibration = None
+        if mode in ("int8", "int16x8", "int4", "mixed"):
             dataset = Dataset.load(artifacts.fetch(ctx["dataset_uri"]))
             calibration = dataset.calibration_batches(config.calibration_samples, config.seed)
         out = (local_run_dir(ctx["pipeline_run_id"]) / "variants" / _safe(variant.name)
                / "model.tflite")
-        convert(variant.quantization, out, representative_data=calibration,
-                qat="qat" in variant.optimizations, **source)
+        float_tflite = source.get("tflite_path")
+        if mode in CONVERTER_MODES and float_tflite is None:
+            convert(mode, out, representative_data=calibration,
+                    qat="qat" in variant.optimizations, **source)
+        else:
+            float_tflite = float_tflite or convert("float32", out.with_name("float32.tflite"),
+                                                   **source)
+            _quantize_tflite(mode, Path(float_tflite), out, calibration, dataset, config, run_id)
+        if mode == "int8" and not variant.recipe:  # why int8 loses what it loses, per layer
+            from pipeline import litert_quantizer as lq
+            float_tflite = float_tflite or convert("float32", out.with_name("float32.tflite"),
+                                                   **source)
+            _log_sensitivity(run_id, lq.sensitivity(Path(float_tflite), "int8", calibration))
         tflite_uri = artifacts.store(run_id, out, "model")
         tracking.set_tags(run_id, {"recipe": variant.recipe})
         return {"variant": variant.name, "child_run_id": run_id, "tflite_uri": tflite_uri,
                 "keras_predictions_uri": recipe_info.get("keras_predictions_uri")
                 or ctx["keras_predictions"][""], **variant.tags()}
+
+
+def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, dataset,
+                     config: PipelineConfig, run_id: str) -> None:
+    """A float32 .tflite -> `mode` through LiteRT Quantizer; int4 and mixed variants also get
+    the per-layer sensitivity table."""
+    from pipeline import litert_quantizer as lq
+    if mode == "float32":
+        write_bytes(out, float_tflite.read_bytes())
+        return
+    table = placement = None
+    if mode in ("int4", "mixed"):
+        table = lq.sensitivity(float_tflite, "int4", calibration)
+    if mode == "mixed":
+        from pipeline.evaluate import evaluate_tflite
+
+        def validation_accuracy(path: Path) -> float:  # the test set stays for the decision
+            return evaluate_tflite(str(path), dataset.x_val, dataset.y_val,
+                                   dataset.class_names).accuracy
+        mixed = lq.quantize_mixed(float_tflite, out, accuracy_of=validation_accuracy,
+                                  max_drop_pts=config.max_accuracy_drop_pts, table=table)
+        placement = mixed.layers
+        tracking.log_dict(run_id, mixed.to_dict(), "mixed.json")
+        tracking.set_tags(run_id, {"mixed_kept": ",".join(mixed.kept) or "none",
+                                   "mixed_within_budget": str(mixed.within_budget).lower()})
+    else:
+        lq.quantize_tflite(mode, float_tflite, out, calibration=calibration)
+    if table is not None:
+        _log_sensitivity(run_id, table, placement)
+
+
+def _log_sensitivity(run_id: str, table: list[dict], placement: dict | None = None) -> None:
+    """The per-layer table (`sensitivity.md` and `.json` in the child run)."""
+    from pipeline.report import sensitivity_markdown
+    tracking.log_dict(run_id, table, "sensitivity.json")
+    tracking.log_text(run_id, sensitivity_markdown(table, placement), "sensitivity.md")
 
 
 def evaluate(ctx: dict, quantized: dict) -> dict[str, Any]:
@@ -328,7 +383,9 @@ def benchmark(ctx: dict, evaluated: dict) -> dict[str, Any]:
             **weight_stats(tflite_path),
         }
         tracking.log_metrics(run_id, metrics)
-        tracking.set_tags(run_id, {"status": "ok"})
+        # Which LiteRT runtime measured it (and why not the compiled one, if it fell back).
+        tracking.set_tags(run_id, {"status": "ok", "runtime": measurement.runtime,
+                                   "runtime_fallback_reason": measurement.fallback_reason})
         tracking.finish_run(run_id)
         return {**evaluated, **metrics, "status": "ok", "error": None}
 
@@ -337,6 +394,8 @@ def _conversion_source(ctx: dict, recipe: str) -> tuple[dict, dict]:
     """Keyword arguments for quantize.convert: the baseline or the recipe's optimized model."""
     if not recipe:
         base = artifacts.fetch(ctx["base_model_uri"])
+        if ctx["base_model_kind"] == "tflite":
+            return {"tflite_path": str(base)}, {}
         if ctx["base_model_kind"] == "saved_model":
             return {"saved_model_dir": str(base)}, {}
         from pipeline.models import load_model
@@ -412,7 +471,7 @@ def select(ctx: dict) -> dict[str, Any]:
     selection = choose(results, config, ctx.get("num_classes"))
     run_dir = local_run_dir(ctx["pipeline_run_id"])
     report_dir = run_dir / "report"
-    markdown = summary_markdown(results, selection)
+    markdown = summary_markdown(results, selection) + _sensitivity_sections(results, selection)
     write_text(report_dir / "summary.md", markdown)
     ok = [r for r in results if r.get("status") == "ok"]
     if ok:
@@ -431,6 +490,23 @@ def select(ctx: dict) -> dict[str, Any]:
     log.info("selection: %s", selection.reason)
     write_json(run_dir / "select.json", selected)
     return selected
+
+
+def _sensitivity_sections(results: list[dict], selection) -> str:
+    """The per-layer sensitivity tables of the plain int8 variant and of the champion (when it
+    has one): where quantization costs accuracy."""
+    from pipeline.report import sensitivity_markdown
+    shown = [r for r in results if r.get("status") == "ok" and r.get("child_run_id")
+             and (r["variant"] == "int8" or r["variant"] == selection.champion)]
+    sections = []
+    for result in shown:
+        table = artifacts.load_json(result["child_run_id"], "sensitivity.json")
+        if table:
+            placement = (artifacts.load_json(result["child_run_id"], "mixed.json") or {}).get("layers")
+            sections.append(f"\n## Per-layer sensitivity: `{result['variant']}`\n\nEach weighted "
+                            "layer quantized alone; lower SNR = more sensitive.\n\n"
+                            + sensitivity_markdown(table, placement))
+    return "".join(sections)
 
 
 SELECTION_RECORD = "report/selection.json"

@@ -184,6 +184,11 @@ def log_dict(run_id: str, data: Any, artifact_file: str) -> None:
         retry(lambda: client().log_dict(run_id, data, artifact_file))
 
 
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    with explain_artifact_errors(artifact_file, run_id):
+        retry(lambda: client().log_text(run_id, text, artifact_file))
+
+
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
     retry(lambda: client().set_terminated(run_id, status=status))
 

@@ -28,6 +28,8 @@ DEFAULT_VARIANTS = (
     "prune+cluster-dynamic", "prune+cluster-int8",
     "qat-int8", "prune+cluster+qat-int8",
     "distill-float32", "distill-dynamic", "distill-int8",
+    # int4 weights (LiteRT Quantizer) on models the run trains anyway: seconds each.
+    "int4", "prune-int4", "prune+cluster-int4", "distill-int4",
 )
 
 

@@ -146,3 +146,45 @@ def test_int4_and_mixed_variant_names():
         parse_variant("qat-int4")
     with pytest.raises(ValueError, match="litert_quantizer"):
         configure(object(), "int4")  # the TF converter must not mistake int4 for dynamic
+
+
+# ------------------------------------------------------------- through the pipeline's stages
+def test_a_tflite_input_runs_the_post_training_variants_and_skips_the_others(
+        tflite, tiny_model_path, small_dataset, tmp_path):
+    """`--model model.tflite` (e.g. converted from PyTorch): the post-training variants, int4 and
+    mixed included, are produced and measured; the training-time ones are `skipped` with the
+    reason, in the child runs' tags and the report; int4/int8/mixed carry a sensitivity table."""
+    from mlflow import MlflowClient
+
+    from pipeline import artifacts, stages
+    from pipeline.__main__ import _run_stages
+    post_training = ["float32", "dynamic", "float16", "int8", "int4", "mixed"]
+    variants = post_training + ["prune-int8", "distill-int4"]
+    config = {"model_path": str(tflite["float32"]), "variants": variants, "train_limit": 1200,
+              "test_limit": 300, "latency_runs": 10, "latency_warmup": 2,
+              "calibration_samples": 32, "experiment": "tflite-input",
+              "registered_model_name": "tflite-input"}
+    ctx, selected, outcome = _run_stages(config, "tflite-input-run")
+    results = {r["variant"]: r for r in stages.results_of(ctx)}
+    assert {n: results[n]["status"] for n in post_training} == dict.fromkeys(post_training, "ok"), \
+        {n: r.get("error") for n, r in results.items()}
+    for name in ("prune-int8", "distill-int4"):
+        assert results[name]["status"] == "skipped"
+        assert "a .tflite model (a graph, no layers to train)" in results[name]["error"]
+    runs = {r.data.tags["variant"]: r for r in
+            MlflowClient().search_runs([MlflowClient().get_run(ctx["parent_run_id"]).info.experiment_id],
+                                       f"tags.mlflow.parentRunId = '{ctx['parent_run_id']}'")}
+    assert runs["prune-int8"].data.tags["status"] == "skipped"
+    assert "2 skipped" in selected["summary_markdown"] and "skipped: " in selected["summary_markdown"]
+    assert selected["failed_variants"] == []
+    # The float32 variant is the input itself; int4 is smaller than int8 and as accurate.
+    assert results["float32"]["accuracy_delta_pts"] == 0.0
+    assert results["int4"]["size_bytes"] < 0.65 * results["int8"]["size_bytes"]
+    assert results["int4"]["accuracy_delta_pts"] > -3.0
+    for name in ("int8", "int4", "mixed"):
+        table = artifacts.load_json(results[name]["child_run_id"], "sensitivity.json")
+        assert len(table) == len(weighted_ops(tflite["float32"])), name
+    mixed = artifacts.load_json(results["mixed"]["child_run_id"], "mixed.json")
+    assert set(mixed["layers"].values()) <= {"int4", "int8", "float32"}
+    assert "## Per-layer sensitivity: `int8`" in selected["summary_markdown"]
+    assert outcome.get("version") or outcome.get("skipped")
