@@ -10,6 +10,12 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+def compress(*args, **kwargs):
+    """The pipeline in this process: see pipeline.api.compress."""
+    from pipeline.api import compress as run
+    return run(*args, **kwargs)
+
+
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with file descriptor 2 silenced: its native libraries print banners to
     stderr while loading, before any log level applies. Call it once, early, in programs whose

@@ -95,47 +95,16 @@ def run(args) -> int:
 
 
 def run_pipeline(config_values: dict, pipeline_run_id: str) -> int:
-    from pipeline import stages, tracking
+    from pipeline.api import run_stages
 
     started = time.perf_counter()
-    try:
-        ctx, selected, outcome = _run_stages(config_values, pipeline_run_id)
-    except BaseException as error:  # the parent run ends FAILED, never left RUNNING
-        experiment = config_values.get("experiment") or "model-compression"
-        try:
-            tracking.fail_parent_run(experiment, pipeline_run_id, stages.one_line(error))
-        except Exception as tracking_error:  # the original error matters more
-            logging.getLogger("pipeline").error("could not close the MLflow run: %s",
-                                                tracking_error)
-        raise
+    results = run_stages(config_values, pipeline_run_id, launcher="cli")
     print()
-    print(selected["summary_markdown"])
-    print(summary_footer(ctx, selected, outcome, time.perf_counter() - started))
+    print(results.summary_markdown)
+    print(summary_footer(results.context, {"failed_variants": [
+        r["variant"] for r in results.variants if r["status"] == "failed"]},
+        results.registered, time.perf_counter() - started))
     return 0
-
-
-def _run_stages(config_values: dict, pipeline_run_id: str) -> tuple[dict, dict, dict]:
-    """train, optimize, the per-variant stages, select, register: the DAG's order in one
-    process. A failed optimization or variant is recorded and the others go on."""
-    from pipeline import stages
-
-    log = logging.getLogger("pipeline")
-    ctx = stages.train(config_values, pipeline_run_id, {"launcher": "cli"})
-    config = stages.config_of(ctx)
-    for recipe in stages.recipes(config.variants):
-        try:
-            stages.optimize(ctx, recipe)
-        except Exception as error:  # recorded; its variants fail with the reason
-            log.error("optimization %s failed: %s", recipe, error)
-    for name in config.variants:
-        try:
-            stages.benchmark(ctx, stages.evaluate(ctx, stages.quantize(ctx, name)))
-        except stages.VariantSkipped as reason:
-            log.info("variant %s skipped: %s", name, reason)
-        except Exception as error:
-            log.error("variant %s failed: %s", name, error)
-    selected = stages.select(ctx)
-    return ctx, selected, stages.register(ctx, selected)
 
 
 def summary_footer(ctx: dict, selected: dict, outcome: dict, seconds: float | None = None) -> str:

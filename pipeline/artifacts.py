@@ -142,9 +142,10 @@ def _download(run_id: str, path: str, target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        downloaded = Path(tracking.retry(lambda: mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=path, dst_path=str(staging),
-            tracking_uri=tracking.tracking_uri())))
+        with tracking.explain_artifact_errors(path, run_id, action="fetch"):
+            downloaded = Path(tracking.retry(lambda: mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=path, dst_path=str(staging),
+                tracking_uri=tracking.tracking_uri())))
         if target.exists():  # a stale copy (other digest) or a concurrent download
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(downloaded, target)

@@ -221,8 +221,8 @@ class explain_artifact_errors:
     store (e.g. S3); when that store is down the server answers the upload with HTTP 500 and no
     detail, or resets the connection, so the server and then its store are checked directly."""
 
-    def __init__(self, artifact: str, run_id: str):
-        self.artifact, self.run_id = artifact, run_id
+    def __init__(self, artifact: str, run_id: str, action: str = "store"):
+        self.artifact, self.run_id, self.action = artifact, run_id, action
 
     def __enter__(self):
         return self
@@ -235,13 +235,13 @@ class explain_artifact_errors:
         if not isinstance(error, (MlflowException, RequestException)) or not uri.startswith("http"):
             return False  # no error, a local file problem, or no server in between
         server = uri.rstrip("/")
-        what = f"could not store artifact {self.artifact} of run {self.run_id}"
+        what = f"could not {self.action} artifact {self.artifact} of run {self.run_id}"
         reason = _failure_reason(str(error))
         if not _server_healthy(server):
             message = f"{what}: the tracking server {server} is unreachable ({reason})"
         elif (store := _artifact_store_failure(server)) is not None:
             message = (f"{what}: the tracking server {server} is up but its artifact store is "
-                       f"unreachable or failing ({store}; the upload: {reason}): check the store "
+                       f"unreachable or failing ({store}; the {"upload" if self.action == "store" else "download"}: {reason}): check the store "
                        "the server proxies artifacts to (e.g. S3 at the server's "
                        "MLFLOW_S3_ENDPOINT_URL) and the tracking server's log")
         else:

@@ -202,7 +202,7 @@ def test_a_keras3_model_gets_every_technique(small_dataset, tmp_path):
     from mlflow import MlflowClient
 
     from pipeline import stages
-    from pipeline.__main__ import _run_stages
+    from pipeline.api import run_stages
     folder = _image_folder(small_dataset, tmp_path / "images")
     keras.utils.set_random_seed(3)
     model = residual_cnn()
@@ -219,7 +219,8 @@ def test_a_keras3_model_gets_every_technique(small_dataset, tmp_path):
               "variants": variants, "prune_epochs": 1, "finetune_epochs": 1, "distill_epochs": 1,
               "latency_runs": 10, "latency_warmup": 2, "calibration_samples": 32,
               "experiment": "keras3-pipeline", "registered_model_name": "keras3-pipeline"}
-    ctx, selected, _ = _run_stages(config, "keras3-pipeline-run")
+    results = run_stages(config, "keras3-pipeline-run")
+    ctx, selected = results.context, {"summary_markdown": results.summary_markdown}
     results = {r["variant"]: r for r in stages.results_of(ctx)}
     assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(variants, "ok"), \
         {name: r.get("error") for name, r in results.items()}

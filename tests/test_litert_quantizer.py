@@ -157,14 +157,17 @@ def test_a_tflite_input_runs_the_post_training_variants_and_skips_the_others(
     from mlflow import MlflowClient
 
     from pipeline import artifacts, stages
-    from pipeline.__main__ import _run_stages
+    from pipeline.api import run_stages
     post_training = ["float32", "dynamic", "float16", "int8", "int4", "mixed"]
     variants = post_training + ["prune-int8", "distill-int4"]
     config = {"model_path": str(tflite["float32"]), "variants": variants, "train_limit": 1200,
               "test_limit": 300, "latency_runs": 10, "latency_warmup": 2,
               "calibration_samples": 32, "experiment": "tflite-input",
               "registered_model_name": "tflite-input"}
-    ctx, selected, outcome = _run_stages(config, "tflite-input-run")
+    run = run_stages(config, "tflite-input-run")
+    ctx, outcome = run.context, run.registered
+    selected = {"summary_markdown": run.summary_markdown,
+                "failed_variants": [r["variant"] for r in run.variants if r["status"] == "failed"]}
     results = {r["variant"]: r for r in stages.results_of(ctx)}
     assert {n: results[n]["status"] for n in post_training} == dict.fromkeys(post_training, "ok"), \
         {n: r.get("error") for n, r in results.items()}

@@ -3,6 +3,7 @@ on the int8 kernels of the converted LiteRT model (the honest check)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,11 +277,30 @@ def test_an_unsupported_layer_is_named_in_the_error(dataset, config, tmp_path):
         apply_recipe("qat", str(tmp_path / "layer_norm.keras"), dataset, config, tmp_path / "out")
 
 
+def stage_context(name: str, base_model: str, dataset, config, tmp_path, monkeypatch) -> dict:
+    """A run context as `stages.train` hands it on: a real parent run in the session's MLflow
+    store, the baseline and the prepared dataset stored in its artifacts and named by URI, and
+    this machine's scratch folder under `tmp_path`."""
+    import uuid
+
+    from pipeline import artifacts, stages, tracking
+    monkeypatch.setenv("PIPELINE_WORK_DIR", str(tmp_path / "work"))
+    pipeline_run_id = f"test-optimize-{name}-{uuid.uuid4().hex[:8]}"
+    parent = tracking.start_parent_run("test-optimize", pipeline_run_id, params={}, tags={})
+    base_model_uri = artifacts.store(parent, base_model, stages.BASELINE_FOLDER)
+    return {"pipeline_run_id": pipeline_run_id, "parent_run_id": parent,
+            "experiment": "test-optimize", "config": config.to_dict(),
+            "base_model_uri": base_model_uri, "base_model_kind": "tf_keras",
+            # What train hands on for a tf_keras model: the techniques start from it as it is.
+            "technique_base_uri": base_model_uri, "techniques_unavailable": None,
+            "dataset_uri": artifacts.store(parent, dataset.save(tmp_path / "dataset.npz"),
+                                           stages.TRAIN_FOLDER)}
+
+
 def test_a_collaborative_recipe_continues_from_its_prefix_trained_once(base_path, dataset, config,
                                                                        tmp_path, monkeypatch):
-    from pipeline import stages
-    ctx = {"run_dir": str(tmp_path), "base_model_path": base_path,
-           "dataset_path": str(dataset.save(tmp_path / "dataset.npz")), "config": config.to_dict()}
+    from pipeline import artifacts, stages
+    ctx = stage_context("collaborative", base_path, dataset, config, tmp_path, monkeypatch)
     calls = []
     real_prune = pruning.apply
     monkeypatch.setattr(pruning, "apply", lambda *a, **k: calls.append("prune") or real_prune(*a, **k))
@@ -288,9 +308,16 @@ def test_a_collaborative_recipe_continues_from_its_prefix_trained_once(base_path
     combined = stages.optimize(ctx, "prune+cluster")  # trains and records 'prune' first
     alone = stages.optimize(ctx, "prune")             # its own task finds that record
     assert calls == ["prune"]
-    assert (tmp_path / "optimized" / "prune.json").exists()
-    pruned = kernels(load_optimized(alone["model_path"]))
-    clustered = kernels(load_optimized(combined["model_path"]))
+    # Both records are on the parent run, and each is what its task handed on.
+    parent = ctx["parent_run_id"]
+    assert artifacts.load_json(parent, stages._recipe_record("prune")) == alone
+    assert artifacts.load_json(parent, stages._recipe_record("prune+cluster")) == combined
+    for record in (alone, combined):  # URIs into the artifact store, no local path
+        assert "model_path" not in record and "keras_predictions_path" not in record
+        for key in ("model_uri", "keras_predictions_uri"):
+            assert artifacts.parse(record[key])[0] == parent, record[key]
+    pruned = kernels(load_optimized(artifacts.fetch(alone["model_uri"])))
+    clustered = kernels(load_optimized(artifacts.fetch(combined["model_uri"])))
     for name, kernel in pruned.items():  # clustering kept every zero pruning made
         assert np.all(clustered[name][kernel == 0] == 0), name
         assert np.unique(clustered[name]).size <= CLUSTERS, name
@@ -298,21 +325,27 @@ def test_a_collaborative_recipe_continues_from_its_prefix_trained_once(base_path
 
     with pytest.raises(ValueError, match="not a shorter prefix"):
         apply_recipe("prune+cluster", base_path, dataset, config, tmp_path / "x",
-                     start=("cluster", combined["model_path"]))
+                     start=("cluster", str(artifacts.fetch(combined["model_uri"]))))
 
 
-def test_a_failed_prefix_fails_its_recipes_with_its_reason(dataset, config, tmp_path):
+def test_a_failed_prefix_fails_its_recipes_with_its_reason(dataset, config, tmp_path, monkeypatch):
     import keras  # Keras 3: pruning refuses it
-    from pipeline import stages
+    from pipeline import artifacts, stages, tracking
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                               keras.layers.Dense(10)])
     model.save(tmp_path / "k3.keras")
-    ctx = {"run_dir": str(tmp_path), "base_model_path": str(tmp_path / "k3.keras"),
-           "dataset_path": str(dataset.save(tmp_path / "dataset.npz")), "config": config.to_dict()}
+    ctx = stage_context("failed-prefix", str(tmp_path / "k3.keras"), dataset, config, tmp_path,
+                        monkeypatch)
     with pytest.raises(TechniqueError, match=r"^its first step 'prune' failed: TechniqueError: prune: needs a tf_keras"):
         stages.optimize(ctx, "prune+cluster+qat")
-    records = {p.name for p in (tmp_path / "optimized").glob("*.json")}
+    parent = ctx["parent_run_id"]
+    records = {Path(a.path).name for a in tracking.list_artifacts(parent, stages.OPTIMIZED_FOLDER)
+               if a.path.endswith(".json")}
     assert records == {"prune.json", "prune+cluster.json", "prune+cluster+qat.json"}
+    for recipe in ("prune", "prune+cluster", "prune+cluster+qat"):
+        record = artifacts.load_json(parent, stages._recipe_record(recipe))
+        assert record["recipe"] == recipe and "model_uri" not in record, record
+        assert "prune: needs a tf_keras" in record["error"], record
 
 
 def test_flips_only_where_they_keep_the_label():

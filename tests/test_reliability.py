@@ -356,15 +356,22 @@ def test_a_layer_qat_cannot_quantize_fails_only_that_variant(airflow_db, layerno
         assert children[name].info.status == "FINISHED"
         assert set(CONTRACT_METRICS) <= set(children[name].data.metrics), name
 
-    selected = json.loads((Path(ctx["run_dir"]) / "select.json").read_text())
+    # What select and register recorded on the parent run (any worker may have run them).
+    from pipeline import artifacts, stages
+    selected = artifacts.load_json(ctx["parent_run_id"], stages.SELECTION_RECORD)
     assert selected["failed_variants"] == ["qat-int8"]
     assert (selected["variants_ok"], selected["variants_total"]) == (2, 3)
-    summary = (Path(ctx["run_dir"]) / "report" / "summary.md").read_text()
+    (qat_result,) = [r for r in selected["results"] if r["variant"] == "qat-int8"]
+    assert qat_result["status"] == "failed" and reason in qat_result["error"], qat_result
+    summary = artifacts.fetch(f"runs:/{ctx['parent_run_id']}/report/summary.md").read_text()
+    assert summary == selected["summary_markdown"]
     assert "1 failed" in summary
     (qat_row,) = [line for line in summary.splitlines() if "qat-int8" in line and "|" in line]
     assert "failed: optimization 'qat' failed" in qat_row, qat_row
-    registered = json.loads((Path(ctx["run_dir"]) / "register.json").read_text())
+    registered = artifacts.load_json(ctx["parent_run_id"], stages.REGISTER_RECORD)
     assert registered["name"] == "reliability-qat-model" and registered["version"]
+    version = client.get_model_version("reliability-qat-model", registered["version"])
+    assert version.tags["parent_run_id"] == ctx["parent_run_id"]
 
 
 # ------------------------------------------------------------------------------------ faults
@@ -528,8 +535,10 @@ def test_mlflow_outages_are_ridden_out_by_retries_without_duplicates(airflow_db,
     assert champion.version == version.version
 
     # A retry of a task that had already succeeded changes nothing either.
-    from pipeline import stages
-    selected = json.loads((Path(ctx["run_dir"]) / "select.json").read_text())
+    from pipeline import artifacts, stages
+    recorded = artifacts.load_json(ctx["parent_run_id"], stages.SELECTION_RECORD)
+    selected = {k: v for k, v in recorded.items() if k != "results"}  # what select handed on
+    assert selected["selection"]["champion"] == version.tags["variant"]
     again = stages.register(ctx, selected)
     assert again["version"] == version.version and again["reused"] is True
     assert len(client.search_model_versions("name = 'reliability-outage-model'")) == 1
@@ -597,32 +606,59 @@ def test_a_run_killed_while_quantizing_resumes_with_the_same_result(tmp_path, mo
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == -signal.SIGKILL
+    from pipeline import artifacts
     (run_dir,) = [p for p in work.iterdir() if p.name != "cache"]
     left_behind = assert_whole(run_dir)  # a kill leaves no half-written file under a final name
     ctx = json.loads((run_dir / "context.json").read_text())
+    # This process reads the same store, and its stages use the same scratch folder.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("PIPELINE_WORK_DIR", str(work))
+    # What train handed on is in the artifact store, whole (fetch checks each file's digest).
+    stored_baseline = artifacts.fetch(ctx["base_model_uri"])
+    reference = artifacts.fetch(ctx["reference"]["tflite_uri"])
+    for uri in (ctx["dataset_uri"], ctx["keras_predictions"][""]):
+        artifacts.fetch(uri)
     baseline = run_dir / "baseline.keras"
+    assert _sha256(baseline) == _sha256(stored_baseline)
     before = {"baseline": _sha256(baseline), "baseline_mtime": baseline.stat().st_mtime_ns,
-              "reference": _sha256(Path(ctx["reference"]["tflite_path"]))}
+              "stored_baseline_mtime": stored_baseline.stat().st_mtime_ns,
+              "reference": _sha256(reference)}
     # The worst a kill could leave: half-written files under every temporary name the stages
-    # use. None of them may be taken for the file it was meant to become.
-    planted = {run_dir / "baseline.tmp.keras": baseline.read_bytes()[:1000],
-               run_dir / "dataset.tmp.npz": (run_dir / "dataset.npz").read_bytes()[:1000],
-               run_dir / "context.json.tmp": b'{"pipeline_run_id": "trunc',
-               run_dir / "variants" / "dynamic" / "model.tflite.tmp":
-                   Path(ctx["reference"]["tflite_path"]).read_bytes()[:1000]}
-    for path, data in planted.items():
+    # use (the killed process's pid in those that carry one). None of them may be taken for the
+    # file it was meant to become. (temporary name -> (final name, content))
+    pid = process.pid
+    planted = {
+        run_dir / "baseline.tmp.keras": (baseline, baseline.read_bytes()[:1000]),
+        run_dir / "dataset.tmp.npz": (run_dir / "dataset.npz",
+                                      (run_dir / "dataset.npz").read_bytes()[:1000]),
+        run_dir / f".context.json.tmp-{pid}": (run_dir / "context.json",
+                                               b'{"pipeline_run_id": "trunc'),
+        run_dir / "keras_predictions" / f".baseline.npy.tmp-{pid}": (
+            run_dir / "keras_predictions" / "baseline.npy",
+            (run_dir / "keras_predictions" / "baseline.npy").read_bytes()[:100]),
+        run_dir / "reference" / "float32.tflite.tmp": (run_dir / "reference" / "float32.tflite",
+                                                       reference.read_bytes()[:1000]),
+        run_dir / "variants" / "dynamic" / "model.tflite.tmp": (
+            run_dir / "variants" / "dynamic" / "model.tflite", reference.read_bytes()[:1000]),
+        run_dir / f".select.json.tmp-{pid}": (run_dir / "select.json", b'{"selection": {"cha'),
+    }
+    for path, (_, data) in planted.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
 
     # The same stages again, with the same pipeline run id (what a retry does).
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     with caplog.at_level(logging.INFO, logger="pipeline"):
         assert run_pipeline(ctx["config"], ctx["pipeline_run_id"]) == 0
-    assert f"reusing the baseline trained by an earlier attempt: {baseline}" in caplog.text
+    assert (f"reusing the baseline trained by an earlier attempt: {ctx['base_model_uri']}"
+            in caplog.text)
     after = json.loads((run_dir / "context.json").read_text())
+    assert after["base_model_uri"] == ctx["base_model_uri"]  # the same file, the same digest
     assert _sha256(baseline) == before["baseline"]
     assert baseline.stat().st_mtime_ns == before["baseline_mtime"]  # not trained again
-    assert _sha256(Path(after["reference"]["tflite_path"])) == before["reference"]
+    # nor stored again
+    assert artifacts.fetch(after["base_model_uri"]).stat().st_mtime_ns == \
+        before["stored_baseline_mtime"]
+    assert _sha256(artifacts.fetch(after["reference"]["tflite_uri"])) == before["reference"]
     assert after["reference"] == ctx["reference"] and after["parent_run_id"] == ctx["parent_run_id"]
     assert not [v for v in json.dumps(after).split('"') if ".tmp" in v]
 
@@ -646,8 +682,9 @@ def test_a_run_killed_while_quantizing_resumes_with_the_same_result(tmp_path, mo
     assert len(client.search_model_versions("name = 'reliability-kill'")) == 1
 
     still_temporary = assert_whole(run_dir)  # every final file whole after the re-run too
-    for path, data in planted.items():  # and no planted half-file became a final one
-        final = path.with_name(path.name.replace(".tmp", ""))
-        assert final.read_bytes() != data
+    for final, data in planted.values():  # and no planted half-file became a final one
+        assert final.read_bytes() != data, final
+    # Every file in the artifact store (what the tasks handed on, the registered model) is whole.
+    assert not assert_whole(tmp_path / "artifacts")
     print(f"left behind by the kill: {left_behind}; temporary files after the re-run: "
           f"{still_temporary}")

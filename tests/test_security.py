@@ -135,7 +135,10 @@ def test_no_secret_in_the_mlflow_store_or_the_server_log(planted_run):
     for path in database:
         assert leaks(path.read_bytes()) == [], path
     artifacts = files_under(root / "artifacts")
-    assert {"model.tflite", "summary.md", "MLmodel"} <= {p.name for p in artifacts}
+    # The files the tasks handed each other (exchange/), the variants, the parent run's records
+    # and the registered model are all there.
+    assert {"dataset.npz", "baseline.keras", "float32.tflite", "baseline.npy", "model.tflite",
+            "summary.md", "selection.json", "register.json", "MLmodel"} <= {p.name for p in artifacts}
     assert leaks_in_files(root / "artifacts") == {}
     assert client.search_model_versions("name = 'security-model'")
     for run in runs:  # the same through the API: params, tags, metrics
@@ -148,4 +151,13 @@ def test_no_secret_in_the_work_folder(planted_run):
     work = planted_run["root"] / "work"
     (run_dir,) = [p for p in work.iterdir() if p.name != "cache"]
     assert (run_dir / "context.json").exists() and (run_dir / "register.json").exists()
+    # The worker's cache holds what the tasks fetched from the tracking server: the parent run's
+    # exchanged files and the variants' models.
+    client = planted_run["client"]
+    experiment = client.get_experiment_by_name("security")
+    (parent,) = [r for r in client.search_runs([experiment.experiment_id])
+                 if r.data.tags.get("run_role") == "parent"]
+    cached = files_under(work / "cache" / parent.info.run_id)
+    assert "dataset.npz" in {p.name for p in cached}, cached
+    assert "model.tflite" in {p.name for p in files_under(work / "cache")}
     assert leaks_in_files(work) == {}
