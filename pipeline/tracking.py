@@ -236,12 +236,13 @@ class explain_artifact_errors:
             return False  # no error, a local file problem, or no server in between
         server = uri.rstrip("/")
         what = f"could not {self.action} artifact {self.artifact} of run {self.run_id}"
+        transfer = "upload" if self.action == "store" else "download"
         reason = _failure_reason(str(error))
         if not _server_healthy(server):
             message = f"{what}: the tracking server {server} is unreachable ({reason})"
         elif (store := _artifact_store_failure(server)) is not None:
             message = (f"{what}: the tracking server {server} is up but its artifact store is "
-                       f"unreachable or failing ({store}; the {"upload" if self.action == "store" else "download"}: {reason}): check the store "
+                       f"unreachable or failing ({store}; the {transfer}: {reason}): check the store "
                        "the server proxies artifacts to (e.g. S3 at the server's "
                        "MLFLOW_S3_ENDPOINT_URL) and the tracking server's log")
         else:
