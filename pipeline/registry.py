@@ -229,6 +229,9 @@ def promote(name: str, version: str | int, alias: str = CHAMPION,
 def _log_variant_model(result, run_id, input_example, class_names) -> "ModelInfo":
     with tempfile.TemporaryDirectory() as download_dir:
         tflite_path = result.get("tflite_path")
+        if (not tflite_path or not Path(tflite_path).is_file()) and result.get("tflite_uri"):
+            from pipeline import artifacts  # registration only; not shipped for serving
+            tflite_path = str(artifacts.fetch(result["tflite_uri"]))
         if not tflite_path or not Path(tflite_path).is_file():
             tflite_path = mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path="model/model.tflite", dst_path=download_dir)

@@ -219,7 +219,7 @@ def test_the_champion_loads_and_predicts_through_the_server(stack, pipeline_run)
     script = (
         "import json, numpy as np, mlflow\n"
         f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}@champion')\n"
-        "frame = model.predict(np.zeros((5, 784), np.float32))\n"
+        "frame = model.predict(np.zeros((5, 28, 28, 1), np.float32))\n"
         "print(json.dumps({'rows': len(frame), 'classes': frame['class'].tolist(),\n"
         "                  'columns': list(frame.columns)}))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -386,6 +386,8 @@ def test_a_failed_model_upload_registers_nothing(s3_down, pipeline_run, monkeypa
     from pipeline import stages
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_down.tracking_url)
+    # The worker that ran the pipeline: its cache holds the dataset register reads.
+    monkeypatch.setenv("PIPELINE_WORK_DIR", str(pipeline_run.work_dir))
     for name, value in FAST_MLFLOW_RETRIES.items():
         monkeypatch.setenv(name, value)
     ctx = json.loads((pipeline_run.run_dir / "context.json").read_text())
@@ -407,6 +409,21 @@ def test_a_failed_model_upload_registers_nothing(s3_down, pipeline_run, monkeypa
     champion = selected["selection"]["champion"]
     champion_run = next(r for r in pipeline_run.children if r.data.tags["variant"] == champion)
     assert [m.source_run_id for m in failed] == [champion_run.info.run_id]
+
+
+def test_a_download_during_an_outage_names_the_artifact_store(s3_down, pipeline_run, tmp_path,
+                                                               monkeypatch):
+    """A worker with an empty cache fetches a file another task stored: the outage is named."""
+    from pipeline import artifacts
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_down.tracking_url)
+    monkeypatch.setenv("PIPELINE_WORK_DIR", str(tmp_path))
+    for name, value in FAST_MLFLOW_RETRIES.items():
+        monkeypatch.setenv(name, value)
+    ctx = json.loads((pipeline_run.run_dir / "context.json").read_text())
+    with pytest.raises(tracking.ArtifactStoreError,
+                       match=r"^could not fetch artifact exchange/train/dataset.npz .* artifact "
+                             r"store is unreachable or failing .*the download"):
+        artifacts.fetch(ctx["dataset_uri"])
 
 
 def test_a_pipeline_run_during_an_s3_outage_fails_and_registers_nothing(s3_down, pipeline_run):
