@@ -26,11 +26,15 @@ help:
 	@echo "make cli        the same pipeline without Airflow (python -m pipeline run)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 for the local store"
 	@echo "make up         MLflow server + Airflow on 127.0.0.1 (:5000, :8080); make status / make down"
+	@echo "make up EXECUTOR=celery WORKERS=2   the same on PostgreSQL, Redis, S3 and Celery workers"
 
-$(VENV)/.installed: requirements.txt
+# requirements-celery.txt and requirements-stack.txt: what `make up` runs (supervisord, the
+# Celery executor, moto_server); small next to the TensorFlow stack, so always installed.
+RUNTIME_REQUIREMENTS := requirements.txt requirements-celery.txt requirements-stack.txt
+$(VENV)/.installed: $(RUNTIME_REQUIREMENTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet $(addprefix -r ,$(RUNTIME_REQUIREMENTS))
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-bench.txt
@@ -84,11 +88,24 @@ mlflow-ui: install
 clean:
 	rm -rf .work .airflow/logs
 
-# The local service stack on 127.0.0.1: MLflow server (port MLFLOW_PORT, default 5000) and
-# Airflow (AIRFLOW_PORT, default 8080); logs and PID files in .stack/ (scripts/stack.py).
-.PHONY: up down status
-up: install dataset
+# The local service stack on 127.0.0.1, run by supervisord (scripts/stack.py): MLflow server (port
+# MLFLOW_PORT, default 5000) and Airflow (AIRFLOW_PORT, default 8080); with EXECUTOR=celery also
+# PostgreSQL, Redis, an S3 endpoint and WORKERS Celery workers. Logs and data in .stack/.
+EXECUTOR ?= local
+.PHONY: up down status stack-servers
+up: install dataset $(if $(filter celery Celery CeleryExecutor,$(EXECUTOR)),stack-servers)
 	$(PY) scripts/stack.py up
+
+# PostgreSQL and Redis servers for EXECUTOR=celery (Debian packages), installed when missing.
+stack-servers:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing=" redis-server"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (Debian packages)"; \
+	  $(SUDO) apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $$missing >/dev/null; }; \
+	fi
 
 down:
 	@if [ -x $(PY) ]; then $(PY) scripts/stack.py down; else echo "nothing to stop (no $(VENV))"; fi

@@ -1,4 +1,4 @@
-"""Variant recipes: optimizations + one quantization mode, named per DESIGN.md.
+"""Variant recipes: optimizations + one quantization mode, named as ARCHITECTURE.md describes.
 
 `prune+cluster-int8` = prune, then cluster, then full-integer int8 conversion;
 `prune+cluster-int4` = prune, then cluster, then float32 conversion and int4 quantization.

@@ -102,9 +102,10 @@ class Stack:
 
     # -- the script -----------------------------------------------------------------------------
 
-    def script(self, command: str, env: dict | None = None, timeout: float = 600):
-        return subprocess.run([sys.executable, str(STACK_SCRIPT), command], env=env or self.env,
-                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    def script(self, command: str, *args: str, env: dict | None = None, timeout: float = 600):
+        return subprocess.run([sys.executable, str(STACK_SCRIPT), command, *args],
+                              env=env or self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
 
     def up(self) -> None:
         result = self.script("up")
@@ -127,23 +128,34 @@ class Stack:
     def airflow_url(self) -> str:
         return f"http://127.0.0.1:{self.airflow_port}"
 
-    def recorded_pids(self) -> dict[str, int]:
-        """Service name -> PID (= process group id) from the stack's PID files."""
-        return {path.stem: int(path.read_text().split()[0])
-                for path in sorted(self.stack_dir.glob("*.pid"))}
+    def status_json(self) -> dict:
+        """`stack.py status --json`: each program's state, PID and URL, the Celery workers."""
+        result = self.script("status", "--json", timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
 
-    def processes(self, pgids=None) -> list[psutil.Process]:
-        """Every live process of the stack: the recorded process groups and their descendants."""
-        pgids = set(pgids if pgids is not None else self.recorded_pids().values())
+    def recorded_pids(self) -> dict[str, int]:
+        """Program name -> PID of each program supervisord runs."""
+        return {name: program["pid"] for name, program in self.status_json()["programs"].items()
+                if program["pid"]}
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of the stack: its supervisord and whatever that started, with
+        their descendants, even one whose parent died: they carry supervisord's socket in
+        SUPERVISOR_SERVER_URL, or, where a process title hides the environment (Airflow's
+        components set one), work in the stack's run/ (or PostgreSQL's) folder."""
+        marker = f"unix://{self.stack_dir / 'supervisor.sock'}"
+        config = str(self.stack_dir / "supervisord.conf")
+        run_dir, postgres_dir = str(self.stack_dir / "run"), str(self.stack_dir / "postgres")
         found: dict[int, psutil.Process] = {}
         for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error, OSError):
-                if os.getpgid(proc.pid) in pgids:
-                    found[proc.pid] = proc
-        for proc in list(found.values()):
             with contextlib.suppress(psutil.Error):
-                for child in proc.children(recursive=True):
-                    found.setdefault(child.pid, child)
+                cwd = proc.cwd()
+                if proc.environ().get("SUPERVISOR_SERVER_URL") == marker or cwd == run_dir \
+                        or cwd.startswith(postgres_dir + os.sep) or config in proc.cmdline():
+                    found[proc.pid] = proc
+                    for child in proc.children(recursive=True):
+                        found.setdefault(child.pid, child)
         alive = []
         for proc in found.values():
             with contextlib.suppress(psutil.Error):

@@ -28,13 +28,16 @@ COMPOSE_FILE = DOCKER / "docker-compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 DOCKERFILE = DOCKER / "Dockerfile"
 MLFLOW_DOCKERFILE = DOCKER / "mlflow" / "Dockerfile"
-CELERY_REQUIREMENTS = DOCKER / "requirements-celery.txt"
+CELERY_REQUIREMENTS = ROOT / "requirements-celery.txt"
 INIT_DB_SQL = DOCKER / "postgres" / "init-db.sql"
 AIRFLOW_INIT = DOCKER / "airflow-init.sh"
 MAKE_ENV = DOCKER / "make-env.sh"
 
 AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                    "airflow-triggerer", "airflow-worker"}
+                    "airflow-triggerer", "airflow-worker", "airflow-worker-training"}
+WORKER_SERVICES = {"airflow-worker": "default", "airflow-worker-training": "training"}
+# The DAG's queues (DESIGN: Celery topology): train and optimize on `training`, the rest on `default`.
+QUEUES = ("training", "default")
 ONE_SHOT_SERVICES = {"airflow-init", "minio-init"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|FERNET")
 
@@ -314,6 +317,43 @@ def non_loopback_ports(compose: dict) -> list[str]:
     return problems
 
 
+def worker_queues(service: dict) -> list[str]:
+    """The queues an `airflow celery worker` command consumes (Airflow's default: `default`)."""
+    args = command_args(service)
+    if args[:3] != ["airflow", "celery", "worker"]:
+        return []
+    for flag in ("--queues", "-q"):
+        if flag in args and args.index(flag) + 1 < len(args):
+            return args[args.index(flag) + 1].split(",")
+    return ["default"]
+
+
+def queue_problems(compose: dict) -> list[str]:
+    """Every queue of the DAG has a worker; tasks without a queue go to `default`."""
+    services, problems = compose["services"], []
+    consumed = {q for service in services.values() for q in worker_queues(service)}
+    problems += [f"no worker consumes queue {q!r}" for q in QUEUES if q not in consumed]
+    for name in sorted(AIRFLOW_SERVICES & set(services)):
+        default = as_dict(services[name].get("environment")).get("AIRFLOW__OPERATORS__DEFAULT_QUEUE", "default")
+        if default != "default":
+            problems.append(f"{name}: default queue is {default!r}, not 'default'")
+    return problems
+
+
+def shared_work_folders(compose: dict) -> list[str]:
+    """Workers share no folder for pipeline files: PIPELINE_WORK_DIR on no volume or bind mount (a
+    named volume is one folder for every replica of a scaled service). Logs may be shared."""
+    problems = []
+    for name, service in compose["services"].items():
+        work_dir = as_dict(service.get("environment")).get("PIPELINE_WORK_DIR")
+        if not work_dir:
+            continue
+        for source, target in volume_mounts(service):
+            if source and (work_dir + "/").startswith(target.rstrip("/") + "/"):
+                problems.append(f"{name}: PIPELINE_WORK_DIR {work_dir} is on the shared mount {source}")
+    return problems
+
+
 def scale_blockers(service: dict) -> list[str]:
     """What stops `docker compose up --scale SERVICE=N` from running N copies."""
     problems = [key for key in ("container_name", "hostname") if key in service]
@@ -485,18 +525,33 @@ def test_celery_executor_broker_and_databases(compose):
     assert any("RESULT_BACKEND is not on the postgres service" in p for p in problems)
 
 
-def test_airflow_containers_share_code_and_work_folder(compose):
-    """Same dags/ and plugins/ as the repository, same work folder at the same path everywhere."""
+def test_airflow_containers_share_code_but_no_work_folder(compose):
+    """Same dags/ and plugins/ as the repository everywhere; each container its own work folder."""
     for name in AIRFLOW_SERVICES:
         service = compose["services"][name]
         mounts = {target: source for source, target in volume_mounts(service)}
         assert (DOCKER / mounts["/opt/airflow/dags"]).resolve() == ROOT / "dags", name
         assert (ROOT / "dags" / "model_compression.py").is_file()
         assert (DOCKER / mounts["/opt/airflow/plugins"]).resolve() == ROOT / "plugins", name
-        work_dir = as_dict(service["environment"])["PIPELINE_WORK_DIR"]
-        assert mounts.get(work_dir) == "pipeline-work", name
+        assert as_dict(service["environment"])["PIPELINE_WORK_DIR"], name
+    assert shared_work_folders(compose) == []
     dags_folder = re.search(r"AIRFLOW__CORE__DAGS_FOLDER=(\S+)", DOCKERFILE.read_text()).group(1)
     assert dags_folder == "/opt/airflow/dags"
+    broken = copy.deepcopy(compose)
+    broken["services"]["airflow-worker"]["volumes"].append("pipeline-work:/opt/airflow/work")
+    broken["services"]["airflow-worker-training"]["volumes"].append("../.work:/opt/airflow")
+    assert len(shared_work_folders(broken)) == 2
+
+
+def test_workers_consume_the_dags_queues(compose):
+    assert queue_problems(compose) == []
+    assert {name: worker_queues(compose["services"][name]) for name in WORKER_SERVICES} == \
+        {name: [queue] for name, queue in WORKER_SERVICES.items()}
+    broken = copy.deepcopy(compose)
+    broken["services"]["airflow-worker-training"]["command"] = ["airflow", "celery", "worker"]
+    broken["services"]["airflow-scheduler"]["environment"]["AIRFLOW__OPERATORS__DEFAULT_QUEUE"] = "cpu"
+    assert queue_problems(broken) == ["no worker consumes queue 'training'",
+                                      "airflow-scheduler: default queue is 'cpu', not 'default'"]
 
 
 def test_mlflow_server_uses_postgres_and_s3(compose):
@@ -520,10 +575,10 @@ def test_published_ports_are_loopback_only(compose):
     assert len(non_loopback_ports(broken)) == 3
 
 
-def test_worker_is_scalable(compose):
+def test_workers_are_scalable(compose):
+    for name in WORKER_SERVICES:
+        assert scale_blockers(compose["services"][name]) == [], name
     worker = compose["services"]["airflow-worker"]
-    assert scale_blockers(worker) == []
-    assert command_args(worker) == ["airflow", "celery", "worker"]
     assert scale_blockers({**worker, "container_name": "worker", "ports": ["127.0.0.1:8793:8793", "8793"]}) == [
         "container_name", "fixed host port '127.0.0.1:8793:8793'"]
 
@@ -544,15 +599,18 @@ def test_mlflow_dockerfile_reuses_the_repository_pins():
     text = MLFLOW_DOCKERFILE.read_text()
     assert list(unpinned_from_lines(text)) == []
     assert re.search(r"^USER\s+(?!root\b|0\b)\S+", text, re.M)
-    wanted = re.search(r"grep -hE '\^\(([^)]*)\)==' /tmp/requirements/\*\.txt", text).group(1).split("|")
-    assert sorted(wanted) == ["boto3", "mlflow", "psycopg2-binary"]
+    pattern = re.search(r"grep -hE '\^\((.*)\)==' /tmp/requirements/\*\.txt", text).group(1)
+    wanted = [re.sub(r"\\\[.*$", "", name) for name in pattern.split("|")]  # psycopg\[binary\] -> psycopg
+    assert sorted(wanted) == ["boto3", "mlflow", "psycopg", "psycopg2-binary"]
+    assert f"-eq {len(wanted)}" in text
     found = [name for path in (ROOT / "requirements.txt", CELERY_REQUIREMENTS) for name in pins(path) if name in wanted]
     assert sorted(found) == sorted(wanted), "each pin the MLflow image greps for must exist exactly once"
 
 
 def test_celery_requirements_are_pinned_and_do_not_override_the_stack():
     extras, stack = pins(CELERY_REQUIREMENTS), pins(ROOT / "requirements.txt")
-    assert {"apache-airflow-providers-celery", "redis", "psycopg2-binary"} <= set(extras)
+    assert {"apache-airflow-providers-celery", "celery", "redis", "psycopg2-binary", "asyncpg", "psycopg"} <= set(extras)
+    assert extras["celery"].startswith("5.6."), "celery 5.7 breaks the provider (see the file's comment)"
     assert all(re.fullmatch(r"\d+(\.\d+)+", version) for version in extras.values()), extras
     assert set(extras) & set(stack) == set(), "a scale-out extra must not re-pin the runtime stack"
     assert stack.get("apache-airflow") == "3.3.2"

@@ -47,8 +47,8 @@ def test_up_again_starts_no_duplicates(stack):
     assert result.returncode == 0, result.stderr
     assert "already running" in result.stdout
     assert stack.recorded_pids() == before
-    # Every process started for this stack (they all carry its STACK_DIR) is one of the recorded
-    # process groups or their descendants: nothing was started a second time beside them.
+    # Every process started for this stack (they all carry its STACK_DIR) is supervisord or one
+    # of its programs or their descendants: nothing was started a second time beside them.
     recorded = {p.pid for p in stack.processes()}
     assert {p.pid for p in carrying_stack_dir(stack)} <= recorded
 
@@ -136,24 +136,24 @@ def test_port_in_use_is_reported_before_anything_starts(stack, tmp_path):
     assert f"port {port} is in use by another program" in result.stderr
     assert "set AIRFLOW_PORT=" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not list((tmp_path / "stack").glob("*.pid"))
+    assert not list((tmp_path / "stack").glob("*.pid")), "supervisord was started"
 
 
 def test_down_stops_every_process_and_frees_the_ports(stack: Stack):
-    pgids = set(stack.recorded_pids().values())
     pids = {p.pid for p in stack.processes()}
-    assert len(pids) >= len(SERVICES)
+    assert len(pids) >= len(SERVICES) + 1  # and supervisord
     result = stack.down()
     assert result.returncode == 0, result.stderr
     for name in SERVICES:
         assert f"{name}" in result.stdout
-    assert not stack.processes(pgids), "processes of the stack left behind"
+    assert not stack.processes(), "processes of the stack left behind"
     assert not carrying_stack_dir(stack), "processes started for the stack left behind"
     assert not [pid for pid in pids if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not port_listening(stack.mlflow_port)
     assert not port_listening(stack.airflow_port)
     assert not list(stack.stack_dir.glob("*.pid"))
+    assert not (stack.stack_dir / "supervisor.sock").exists()
     status = stack.script("status")
     assert status.stdout.count("stopped") == len(SERVICES), status.stdout
     again = stack.script("down")
