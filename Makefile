@@ -9,7 +9,6 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := False
-export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export TF_USE_LEGACY_KERAS := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 2
@@ -18,28 +17,37 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Extra options for `make run`, e.g. make run ARGS="--train-limit 5000 --variants float32,int8"
 ARGS ?=
 
-.PHONY: help install dataset airflow-db run cli test test-slow bench mlflow-ui clean
+.PHONY: help install dataset airflow-db run cli test test-slow bench mlflow-ui serve lock clean
 help:
 	@echo "make run        the whole DAG end to end through Airflow (embedded SQLite, local MLflow)"
 	@echo "make test       the test suite"
 	@echo "make bench      side-by-side performance tables (benchmarks/results.md)"
 	@echo "make cli        the same pipeline without Airflow (python -m pipeline run)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 for the local store"
+	@echo "make serve      the registered champion over REST on http://127.0.0.1:5001 (MODEL=models:/...)"
 	@echo "make up         MLflow server + Airflow on 127.0.0.1 (:5000, :8080); make status / make down"
 	@echo "make up EXECUTOR=celery WORKERS=2   the same on PostgreSQL, Redis, S3 and Celery workers"
 
 # requirements-celery.txt and requirements-stack.txt: what `make up` runs (supervisord, the
 # Celery executor, moto_server); small next to the TensorFlow stack, so always installed.
 RUNTIME_REQUIREMENTS := requirements.txt requirements-celery.txt requirements-stack.txt
-$(VENV)/.installed: $(RUNTIME_REQUIREMENTS)
+# constraints.txt locks every transitive version; the project itself is installed editable
+# (importable by Airflow's processes, `model-compression` console script).
+$(VENV)/.installed: $(RUNTIME_REQUIREMENTS) constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(addprefix -r ,$(RUNTIME_REQUIREMENTS))
+	$(PY) -m pip install --quiet $(addprefix -r ,$(RUNTIME_REQUIREMENTS)) -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-bench.txt
-	$(PY) -m pip install --quiet -r requirements-test.txt -r requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt -r requirements-bench.txt -c constraints.txt
 	@touch $@
+
+# Rewrite constraints.txt from the virtualenv (after changing a requirements file and installing).
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^model-compression-pipeline' \
+	  | cat <(sed -n '1,2p' constraints.txt) - > constraints.tmp && mv constraints.tmp constraints.txt
 
 install: $(VENV)/.installed
 
@@ -73,7 +81,7 @@ test-slow: $(VENV)/.installed-test dataset
 	$(PY) -m pytest -q -m slow tests
 
 $(VENV)/.installed-bench: $(VENV)/.installed requirements-bench.txt
-	$(PY) -m pip install --quiet -r requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt -c constraints.txt
 	@touch $@
 
 # Side-by-side performance tables: benchmarks/results.md and results.json (trains the default CNN;
@@ -84,6 +92,15 @@ bench: $(VENV)/.installed-bench dataset airflow-db
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+# Serve a registered model over REST (default: the champion of `make run`'s registered model),
+# after writing its stored request body to .work/serving_input_example.json for curl -d @...
+MODEL ?= models:/fashion-mnist-classifier@champion
+SERVE_PORT ?= 5001
+serve: install
+	$(PY) -m pipeline.registry example "$(MODEL)" .work/serving_input_example.json
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.mlflow/mlflow.db} \
+	  $(VENV)/bin/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 clean:
 	rm -rf .work .airflow/logs

@@ -84,7 +84,6 @@ def bench_env(cache_dir: Path, **extra: str) -> dict:
     quiet TensorFlow, and the bench's own MLflow store and work folder (never the user's)."""
     env = dict(os.environ)
     env.update({
-        "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
         "TF_USE_LEGACY_KERAS": "1",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "MLFLOW_TRACKING_URI": f"sqlite:///{cache_dir / 'runs' / 'mlflow.db'}",

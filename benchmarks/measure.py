@@ -22,9 +22,7 @@ from benchmarks.common import ROOT, median, progress
 def _child(model: Path, *, runs: int, warmup: int, threads: int, options: list[str]) -> dict:
     command = [sys.executable, "-m", "pipeline.benchmark", str(model), "--runs", str(runs),
                "--warmup", str(warmup), "--threads", str(threads), *options]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=ROOT)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(tail[0][:300])

@@ -121,9 +121,7 @@ def probe(model_path: Path, config: str, threads: int, *, runs: int, warmup: int
                "--threads", str(threads), "--runs", str(runs), "--warmup", str(warmup)]
     if cache:
         command += ["--cache", cache]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": tail[0][:300]}

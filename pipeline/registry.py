@@ -313,3 +313,39 @@ def _stage_serving_code(staging: Path) -> str:
     for module in SERVING_MODULES:
         shutil.copy2(package / module, target / module)
     return str(target)
+
+
+def write_serving_example(model_uri: str, out_path: str | Path) -> Path:
+    """The request body stored with a registered model (its input example), written to
+    `out_path` for `curl -d @out_path .../invocations`."""
+    from pipeline import tracking  # the project's tracking store when none is set
+    tracking.client()
+    try:
+        local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/serving_input_example.json")
+    except MlflowException as error:
+        raise PipelineInputError(f"cannot read {model_uri} from MLflow at "
+                                 f"{tracking.tracking_uri()}: {str(error).splitlines()[0]} (run "
+                                 "make run first, or give MODEL=models:/NAME@ALIAS)") from None
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(local, out)
+    return out
+
+
+def main(argv=None) -> int:
+    """`python -m pipeline.registry example MODEL_URI OUT.json`: a ready request body."""
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3 or args[0] != "example":
+        print("usage: python -m pipeline.registry example MODEL_URI OUT.json", file=sys.stderr)
+        return 2
+    try:
+        print(f"request body for {args[1]}: {write_serving_example(args[1], args[2])}")
+    except PipelineInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -350,7 +350,6 @@ def airflow_environment(settings: Settings, secret: dict) -> dict[str, str]:
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
         # Every task process inherits this: runs go to the stack's MLflow server.
         "MLFLOW_TRACKING_URI": f"http://{HOST}:{settings.mlflow_port}",
-        "PYTHONPATH": os.pathsep.join([str(PROJECT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
     }
     defaults = {
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
@@ -670,8 +669,7 @@ def wait_for_redis(settings: Settings, secret: dict) -> None:
 def ensure_bucket(settings: Settings, secret: dict) -> None:
     if not settings.mlflow_artifacts_destination.startswith("s3://"):
         return
-    env = {**supervisord_environment(settings), **s3_environment(settings, secret),
-           "PYTHONPATH": str(PROJECT)}
+    env = {**supervisord_environment(settings), **s3_environment(settings, secret)}
     result = subprocess.run([sys.executable, "-m", "pipeline.s3", "ensure-bucket",
                              settings.mlflow_artifacts_destination, "--wait", "60"],
                             env=env, cwd=PROJECT, capture_output=True, text=True,

@@ -25,7 +25,6 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 # accuracy floor is off for them (and everything they start); tests of the floor set it.
 os.environ["PIPELINE_MIN_ACCURACY"] = "0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
