@@ -16,6 +16,8 @@ OBJECTIVES = ("gzip_size", "latency", "memory")
 # "auto" flips Fashion-MNIST (clothes are left-right symmetric) and nothing else: a flipped digit
 # or letter is another class or none.
 AUGMENTATIONS = ("auto", "flip", "none")
+# Pixel ranges a model may expect: name -> (low, high); the loaders give 0..1.
+PIXEL_RANGES = {"0:1": (0.0, 1.0), "0:255": (0.0, 255.0), "-1:1": (-1.0, 1.0)}
 
 
 def work_dir() -> Path:
@@ -54,6 +56,10 @@ class PipelineConfig:
                                      "for decisions)", minimum=1)
     validation_fraction: float = setting(0.1, "Share of the training split held out for "
                                          "validation", exclusiveMinimum=0, exclusiveMaximum=0.5)
+    pixel_range: str = setting("0:1", "The pixel range the model takes: 0:1 (the default CNN), "
+                               "0:255 or -1:1 (many keras.applications / Keras Hub models, whose "
+                               "preprocessing is outside the model); evaluation, calibration and "
+                               "the served model use it", enum=list(PIXEL_RANGES))
     augment: str = setting("auto", "Random horizontal flips in baseline training: auto = only "
                            "for fashion-mnist", enum=list(AUGMENTATIONS))
     calibration_samples: int = setting(500, "Training images used to calibrate int8 / int16x8",

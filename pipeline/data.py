@@ -46,20 +46,43 @@ class Dataset:
         return len(self.class_names)
 
     def save(self, path: str | Path) -> Path:
+        """One .npz (atomic). Images that are 8-bit pixels (k/255 of a range, as every loader
+        gives) are stored as uint8 with their range: a quarter of the bytes to move between
+        workers; `load` gives back the same float32 values."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        splits = {"x_train": self.x_train, "x_val": self.x_val, "x_test": self.x_test}
+        pixel_range = _byte_range(list(splits.values()))
+        if pixel_range is not None:
+            low, high = pixel_range
+            splits = {k: np.round((v - low) / (high - low) * 255).astype(np.uint8)
+                      for k, v in splits.items()}
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, x_train=self.x_train, y_train=self.y_train, x_val=self.x_val,
-                 y_val=self.y_val, x_test=self.x_test, y_test=self.y_test,
-                 class_names=np.array(self.class_names), source=np.array(self.source))
+        np.savez(tmp, **splits, y_train=self.y_train, y_val=self.y_val, y_test=self.y_test,
+                 class_names=np.array(self.class_names), source=np.array(self.source),
+                 byte_range=np.array(pixel_range if pixel_range else (), np.float32))
         os.replace(tmp, path)  # never leave a half-written file under the final name
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Dataset":
         with np.load(path, allow_pickle=False) as f:
-            return cls(f["x_train"], f["y_train"], f["x_val"], f["y_val"], f["x_test"],
+            byte_range = tuple(f["byte_range"]) if "byte_range" in f.files else ()
+            x = {k: _from_bytes(f[k], byte_range) for k in ("x_train", "x_val", "x_test")}
+            return cls(x["x_train"], f["y_train"], x["x_val"], f["y_val"], x["x_test"],
                        f["y_test"], [str(c) for c in f["class_names"]], str(f["source"]))
+
+    def in_range(self, low: float, high: float) -> "Dataset":
+        """The same images rescaled from [0, 1] to [low, high] (the range a model takes)."""
+        if (low, high) == (0.0, 1.0):
+            return self
+        scale = np.float32(high - low)
+
+        def rescale(x):
+            return (x * scale + np.float32(low)).astype(np.float32)
+        return Dataset(rescale(self.x_train), self.y_train, rescale(self.x_val), self.y_val,
+                       rescale(self.x_test), self.y_test, self.class_names, self.source,
+                       self.skipped_files, self.notes)
 
     def calibration_batches(self, samples: int = 500, seed: int = 0):
         """Representative-data generator for int8/int16x8 calibration (training split only)."""
@@ -71,6 +94,35 @@ class Dataset:
             for i in chosen:
                 yield [self.x_train[i:i + 1].astype(np.float32)]
         return generator
+
+
+def _byte_range(arrays: list[np.ndarray]) -> tuple[float, float] | None:
+    """(low, high) when every value is low + k/255 * (high - low) for an integer k in 0..255
+    (float32 exact after the round trip), for the ranges the pipeline uses; else None."""
+    for low, high in ((0.0, 1.0), (0.0, 255.0), (-1.0, 1.0)):
+        scale = np.float32(high - low)
+        if all(_round_trips(x, np.float32(low), scale) for x in arrays):
+            return low, high
+    return None
+
+
+def _round_trips(x: np.ndarray, low, scale) -> bool:
+    if x.size == 0:
+        return True
+    q = np.round((x - low) / scale * 255)
+    return bool(q.min() >= 0 and q.max() <= 255
+                and np.array_equal(_decode(q.astype(np.uint8), low, scale), x))
+
+
+def _decode(q: np.ndarray, low, scale) -> np.ndarray:
+    return (q.astype(np.float32) / np.float32(255) * scale + low).astype(np.float32)
+
+
+def _from_bytes(x: np.ndarray, byte_range: tuple) -> np.ndarray:
+    if not byte_range:
+        return x
+    low, high = (np.float32(v) for v in byte_range)
+    return _decode(x, low, np.float32(high - low))
 
 
 def load_dataset(spec: str, *, input_shape: tuple[int, ...] | None = None,

@@ -88,6 +88,10 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
                            validation_fraction=config.validation_fraction, seed=config.seed)
     for note in dataset.notes:
         log.warning("dataset: %s", note)
+    # Every later stage (training, calibration, evaluation, the served model's example) sees the
+    # images in the range the model takes.
+    from pipeline.config import PIXEL_RANGES
+    dataset = dataset.in_range(*PIXEL_RANGES[config.pixel_range])
     dataset_path = dataset.save(run_dir / "dataset.npz")
 
     parent_run_id = tracking.start_parent_run(
@@ -183,7 +187,8 @@ def _check_baseline(accuracy: float, num_classes: int, config: PipelineConfig) -
     if accuracy < floor:
         chance = 1.0 / num_classes
         hint = (" — near chance: check that the labels match the model's classes and that the "
-                "images are scaled the way the model expects" if accuracy < 2 * chance else "")
+                f"model takes pixels in {config.pixel_range} (setting pixel_range: 0:1, 0:255 "
+                "or -1:1)" if accuracy < 2 * chance else "")
         raise PipelineInputError(
             f"the float32 model reaches only {accuracy:.4f} accuracy on the test set, below the "
             f"floor {floor:.4f} (min_accuracy; chance is {chance:.4f}){hint}; train longer, fix "

@@ -105,3 +105,21 @@ def test_a_stray_label_is_named_with_its_count(tmp_path):
     with pytest.raises(PipelineInputError, match=r"32 of 43 classes have none .*stray label\(s\) "
                                                  r"above the gap: 42 \(1 image\)"):
         load_dataset(str(tmp_path / "stray.npz"))
+
+
+def test_pixel_range_rescales_every_split_and_the_file_keeps_it_exactly(tmp_path):
+    """A model built for [0, 255] or [-1, 1] inputs gets every split in its range; the saved
+    dataset (uint8 on disk: a quarter of the bytes between workers) loads back bit for bit."""
+    ds = load_dataset("fashion-mnist", train_limit=300, test_limit=50)
+    for low, high in ((0.0, 255.0), (-1.0, 1.0)):
+        scaled = ds.in_range(low, high)
+        for x, original in ((scaled.x_train, ds.x_train), (scaled.x_test, ds.x_test)):
+            np.testing.assert_allclose(x, original * (high - low) + low, rtol=1e-6)
+        assert scaled.x_test.min() == low and scaled.x_test.max() == high
+        path = scaled.save(tmp_path / "scaled.npz")
+        again = Dataset.load(path)
+        assert np.array_equal(again.x_val, scaled.x_val) and again.x_val.dtype == np.float32
+        assert path.stat().st_size < 0.3 * scaled.x_train.nbytes + 0.3 * scaled.x_test.nbytes + 1e5
+    odd = Dataset(ds.x_train * 0.5 + 0.001, ds.y_train, ds.x_val, ds.y_val, ds.x_test, ds.y_test,
+                  ds.class_names)  # not 8-bit pixels: stored as float32, unchanged
+    assert np.array_equal(Dataset.load(odd.save(tmp_path / "odd.npz")).x_train, odd.x_train)
