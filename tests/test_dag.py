@@ -36,20 +36,17 @@ def test_task_order(dagbag):
     assert task("select").trigger_rule == "all_done"
 
 
-def test_parse_is_fast_and_imports_no_tensorflow():
-    # Airflow itself is already imported in the DAG processor: time only what the file adds.
-    code = ("import sys, time; import airflow.sdk; from airflow.sdk import dag, task, Param;"
-            "t = time.perf_counter();"
+def test_parsing_imports_nothing_heavy():
+    """The DAG processor parses dags/ every few seconds: the file imports neither TensorFlow nor
+    Keras nor MLflow (module names, not a wall-clock limit a loaded machine would break)."""
+    code = ("import sys; import airflow.sdk;"
             "import importlib.util as u; s = u.spec_from_file_location('m', sys.argv[1]);"
             "m = u.module_from_spec(s); s.loader.exec_module(m);"
-            "print(time.perf_counter() - t, 'tensorflow' in sys.modules)")
-    # Warm the file-system cache once, then time a fresh interpreter parse.
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags" / "model_compression.py")],
-                             capture_output=True, text=True, env=os.environ.copy(), check=True)
-    seconds, tf_imported = out.stdout.split()
-    assert tf_imported == "False"
-    assert float(seconds) < 2.0
+            "print(sorted(n for n in ('tensorflow', 'tf_keras', 'keras', 'mlflow', "
+            "'tensorflow_model_optimization', 'litert_quantizer') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags" / "model_compression.py")],
+                         capture_output=True, text=True, env=os.environ.copy(), check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.mark.parametrize("name, bad", [

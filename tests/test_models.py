@@ -66,17 +66,23 @@ def test_saved_model_with_and_without_signature(tmp_path):
 def test_lambda_layers_refused_unless_allowed(tmp_path):
     model = _keras3_model(lambda_layer=True)
     model.save(tmp_path / "lam.keras")
-    # Prove the refusal happens before deserialization: make the stored code a trap.
     with pytest.raises(PipelineInputError, match="Lambda"):
         models.load_model(tmp_path / "lam.keras")
 
+    # Prove the refusal happens before deserialization: the stored code is a trap that leaves a
+    # file behind when it runs (rebuilding the model calls the Lambda).
     import tf_keras
-    legacy = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Lambda(lambda t: t + 1),
-                                  tf_keras.layers.Dense(2)])
+    trap = tmp_path / "the-model-code-ran"
+    legacy = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Lambda(
+        lambda t, marker=str(trap): (__import__("pathlib").Path(marker).touch(), t + 1)[1]),
+        tf_keras.layers.Dense(2)])
     legacy.save(str(tmp_path / "lam.h5"))
+    trap.unlink()  # building the model above ran it once
     with pytest.raises(PipelineInputError, match="allow-unsafe-model"):
         models.load_model(tmp_path / "lam.h5")
+    assert not trap.exists()  # refused before any stored code ran
     assert models.load_model(tmp_path / "lam.h5", allow_unsafe=True).output_shape == (None, 2)
+    assert trap.exists()  # the trap is real: loading it does run the stored code
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])

@@ -375,24 +375,6 @@ def test_a_layer_qat_cannot_quantize_fails_only_that_variant(airflow_db, layerno
 
 
 # ------------------------------------------------------------------------------------ faults
-def test_default_args_retry_twice_with_exponential_backoff_from_15_seconds(monkeypatch):
-    """What the fault tests below rely on, in the DAG as deployed (no PIPELINE_RETRY_DELAY_SECONDS
-    set): two retries, 15 s then exponential backoff up to 5 minutes. The knob only changes the
-    first delay."""
-    from airflow.dag_processing.dagbag import DagBag
-    for env, delay in ((None, 15), ("1", 1)):
-        if env is None:
-            monkeypatch.delenv("PIPELINE_RETRY_DELAY_SECONDS", raising=False)
-        else:
-            monkeypatch.setenv("PIPELINE_RETRY_DELAY_SECONDS", env)
-        dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("model_compression")
-        for task in dag.tasks:
-            assert task.retries == 2, task.task_id
-            assert task.retry_delay == timedelta(seconds=delay), task.task_id
-            assert task.retry_exponential_backoff, task.task_id
-            assert task.max_retry_delay == timedelta(minutes=5), task.task_id
-
-
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
