@@ -135,7 +135,8 @@ def quantize_tflite(mode: str, float_tflite_path: str | Path, out_path: str | Pa
                      lambda qt: _add_mode(qt, mode, block_size=block_size, int4_ops=int4_ops), ops)
 
 
-def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=None) -> list[dict]:
+def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=None, *,
+                int4_ops: tuple[str, ...] = INT4_OPS) -> list[dict]:
     """Per weighted op: how much quantizing that op alone (as `mode` would) disturbs its own
     output and the model's output, on a batch of calibration images (SENSITIVITY_IMAGES).
 
@@ -155,7 +156,7 @@ def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=N
     rows = []
     for op in ops:
         qt = _quantizer(float_tflite_path, mode)
-        _add_mode(qt, mode, regex=_exact(op.scope), op_name=op.op)
+        _add_mode(qt, mode, regex=_exact(op.scope), op_name=op.op, int4_ops=int4_ops)
         with _refusals(mode, float_tflite_path, op.name):
             qt.quantize(_calibrate(qt, test_data), enable_progress_report=False)
             errors = qt.validate(test_data=test_data, error_metrics=metrics,
@@ -164,7 +165,7 @@ def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=N
         output = errors.get(output_names[0], {})
         rows.append({
             "layer": op.name, "op": op.op, "weights": op.weights,
-            "quantization": _op_precision(mode, op),
+            "quantization": _op_precision(mode, op, int4_ops),
             "layer_snr_db": _db(layer.get("snr")),
             "layer_cosine": _finite(layer.get("cosine_similarity")),
             "output_snr_db": _db(output.get("snr")),
@@ -176,7 +177,7 @@ def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=N
 def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
                    accuracy_of: Callable[[Path], float], max_drop_pts: float, calibration=None,
                    table: list[dict] | None = None, reference_accuracy: float | None = None,
-                   keep: str = "int8") -> MixedResult:
+                   keep: str = "int8", int4_ops: tuple[str, ...] = INT4_OPS) -> MixedResult:
     """int4 everywhere except the most sensitive int4 ops, kept at `keep` (`int8` or `float32`):
     the fewest, taken in order of sensitivity (lowest output SNR first), that bring the accuracy
     within `max_drop_pts` percentage points of the float32 reference.
@@ -193,7 +194,7 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
     float_tflite_path, out_path = Path(float_tflite_path), Path(out_path)
     ops = _read_ops(float_tflite_path, "mixed")
     if table is None:
-        table = sensitivity(float_tflite_path, "int4", calibration)
+        table = sensitivity(float_tflite_path, "int4", calibration, int4_ops=int4_ops)
     by_name = {op.name: op for op in ops}
     ranked = [by_name[row["layer"]] for row in sorted(table, key=_sensitivity_key)
               if row["layer"] in by_name and row["quantization"] == "int4"]
@@ -207,7 +208,7 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
         if count not in tried:
             kept = ranked[:count]
             _quantize("mixed", float_tflite_path, candidate, None,
-                      lambda qt: _add_mixed(qt, kept, keep), ops)
+                      lambda qt: _add_mixed(qt, kept, keep, int4_ops), ops)
             tried[count] = float(accuracy_of(candidate))
             trials.append({"kept": [op.name for op in kept], "accuracy": tried[count],
                            "drop_pts": (reference_accuracy - tried[count]) * 100.0})
@@ -230,14 +231,14 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
         accuracy_keeping(chosen)  # evaluated already: rebuild its file only if another came last
         if trials[-1]["kept"] != [op.name for op in ranked[:chosen]]:
             _quantize("mixed", float_tflite_path, candidate, None,
-                      lambda qt: _add_mixed(qt, ranked[:chosen], keep), ops)
+                      lambda qt: _add_mixed(qt, ranked[:chosen], keep, int4_ops), ops)
         os.replace(candidate, out_path)
     finally:
         candidate.unlink(missing_ok=True)
     kept_names = {op.name for op in ranked[:chosen]}
     int4_names = {op.name for op in ranked}
     layers = {op.name: (keep if op.name in kept_names else "int4" if op.name in int4_names
-                        else _fixed_precision(op)) for op in ops}
+                        else _fixed_precision(op, int4_ops)) for op in ops}
     accuracy = tried[chosen]
     return MixedResult(path=out_path, layers=layers, kept=[op.name for op in ranked[:chosen]],
                        accuracy=accuracy, reference_accuracy=reference_accuracy,
@@ -303,10 +304,11 @@ def _add_mode(qt, mode: str, regex: str = ".*", op_name: str | None = None,
         raise ValueError(f"unknown quantizer mode {mode!r}")
 
 
-def _add_mixed(qt, kept: list[WeightedOp], keep: str) -> None:
+def _add_mixed(qt, kept: list[WeightedOp], keep: str,
+               int4_ops: tuple[str, ...] = INT4_OPS) -> None:
     """int4 everywhere, then `kept` ops at int8 or float (later recipe entries win)."""
     from litert_quantizer.algorithm_manager import AlgorithmName
-    _add_mode(qt, "int4")
+    _add_mode(qt, "int4", int4_ops=int4_ops)
     for op in kept:
         if keep == "int8":
             qt.add_dynamic_config(_exact(op.scope), op.op, 8)
@@ -319,14 +321,14 @@ def _exact(scope: str) -> str:
     return "^" + re.escape(scope) + "$"
 
 
-def _fixed_precision(op: WeightedOp) -> str:
-    """What `int4` mode gives an op without an int4 kernel."""
-    return "int4" if op.op in INT4_OPS else "int8"
+def _fixed_precision(op: WeightedOp, int4_ops: tuple[str, ...] = INT4_OPS) -> str:
+    """What `int4` mode gives an op: int4 for the kinds in `int4_ops`, else int8."""
+    return "int4" if op.op in int4_ops else "int8"
 
 
-def _op_precision(mode: str, op: WeightedOp) -> str:
+def _op_precision(mode: str, op: WeightedOp, int4_ops: tuple[str, ...] = INT4_OPS) -> str:
     """The weight precision `mode` gives `op` (as the report names it)."""
-    return _fixed_precision(op) if mode == "int4" else mode
+    return _fixed_precision(op, int4_ops) if mode == "int4" else mode
 
 
 # --- running the quantizer -----------------------------------------------------------------------

@@ -320,8 +320,11 @@ def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, data
         write_bytes(out, float_tflite.read_bytes())
         return
     table = placement = None
+    # mixed: as small as the budget allows, so int4 wherever LiteRT has an int4 kernel
+    # (convolutions too, which XNNPACK runs slower than int8), int8 on the sensitive layers.
+    int4_ops = lq.INT4_CAPABLE_OPS if mode == "mixed" else lq.INT4_OPS
     if mode in ("int4", "mixed"):
-        table = lq.sensitivity(float_tflite, "int4", calibration)
+        table = lq.sensitivity(float_tflite, "int4", calibration, int4_ops=int4_ops)
     if mode == "mixed":
         from pipeline.evaluate import evaluate_tflite
 
@@ -329,7 +332,8 @@ def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, data
             return evaluate_tflite(str(path), dataset.x_val, dataset.y_val,
                                    dataset.class_names).accuracy
         mixed = lq.quantize_mixed(float_tflite, out, accuracy_of=validation_accuracy,
-                                  max_drop_pts=config.max_accuracy_drop_pts, table=table)
+                                  max_drop_pts=config.max_accuracy_drop_pts, table=table,
+                                  int4_ops=int4_ops)
         placement = mixed.layers
         tracking.log_dict(run_id, mixed.to_dict(), "mixed.json")
         tracking.set_tags(run_id, {"mixed_kept": ",".join(mixed.kept) or "none",

@@ -30,6 +30,9 @@ DEFAULT_VARIANTS = (
     "distill-float32", "distill-dynamic", "distill-int8",
     # int4 weights (LiteRT Quantizer) on models the run trains anyway: seconds each.
     "int4", "prune-int4", "prune+cluster-int4", "distill-int4",
+    # int4 convolutions too, int8 kept only where the accuracy budget needs it: the smallest
+    # raw file without training (slower than int4: XNNPACK has no int4 convolution).
+    "mixed",
 )
 
 
