@@ -220,7 +220,7 @@ def test_a_keras3_model_gets_every_technique(small_dataset, tmp_path):
               "latency_runs": 10, "latency_warmup": 2, "calibration_samples": 32,
               "experiment": "keras3-pipeline", "registered_model_name": "keras3-pipeline"}
     results = run_stages(config, "keras3-pipeline-run")
-    ctx, selected = results.context, {"summary_markdown": results.summary_markdown}
+    ctx = results.context
     results = {r["variant"]: r for r in stages.results_of(ctx)}
     assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(variants, "ok"), \
         {name: r.get("error") for name, r in results.items()}

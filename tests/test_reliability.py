@@ -37,7 +37,6 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
