@@ -128,29 +128,36 @@ def _middle(text: str) -> str:
     return text[:half] + "…" + text[-half:]
 
 
-def pareto_plot(results: list[dict[str, Any]], selection: Selection, path: str | Path) -> Path:
+KEY_LEFT = 0.8  # share of the figure's width left of the Pareto plot's key
+
+
+def pareto_plot(results: list[dict[str, Any]], selection: Selection, path: str | Path,
+                gate_accuracy: float | None = None) -> Path:
     """Accuracy against gzip size (log x) as a PNG at `path`, written atomically.
 
-    Marker shape = quantization mode, colour = p50 latency. Pareto variants (accuracy, gzip size,
-    latency) have a red edge and those that form the accuracy/size front are joined by a line; the
-    champion is ringed and labelled; variants failing the gates are faded."""
+    Marker shape = quantization mode, colour = p50 latency (log scale: one slow variant must not
+    flatten the others' colours). Points are numbered, best first, with a key beside the plot
+    (names would overlap). Pareto variants (accuracy, gzip size, latency) have a red edge and
+    those that form the accuracy/size front are joined by a line; the champion is ringed;
+    variants failing the gates are faded; `gate_accuracy` (the accuracy budget's lowest accuracy)
+    is drawn as a line."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     path = Path(path)
     points = [r for r in results if r.get("status") == "ok"
               and all(finite_number(r.get(k)) is not None for k in PARETO_METRICS)]
-    fig = Figure(figsize=(10, 6.5), dpi=110)
+    fig = Figure(figsize=(12, 6.5), dpi=110)
     ax = fig.add_subplot()
     ax.set_title("Compressed variants: accuracy vs gzip size")
     ax.set_xlabel("gzip size (log scale)")
     ax.set_ylabel("accuracy")
     ax.grid(True, which="both", alpha=0.3)
     if points:
-        _draw_variants(fig, ax, points, selection)
+        _draw_variants(fig, ax, ordered(points, selection), selection, gate_accuracy)
     else:
         ax.text(0.5, 0.5, "no variant produced measurements", ha="center", va="center",
                 transform=ax.transAxes)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, KEY_LEFT, 1))  # the key of numbered points on the right
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -163,26 +170,36 @@ def pareto_plot(results: list[dict[str, Any]], selection: Selection, path: str |
     return path
 
 
-def _draw_variants(fig, ax, points, selection: Selection) -> None:
+def _draw_variants(fig, ax, points, selection: Selection, gate_accuracy: float | None) -> None:
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    from matplotlib.colors import LogNorm
     from matplotlib.lines import Line2D
 
     ax.set_xscale("log")
-    latencies = [r["latency_ms_p50"] for r in points]
+    latencies = [max(r["latency_ms_p50"], 1e-6) for r in points]
     low, high = min(latencies), max(latencies)
-    norm = Normalize(vmin=low, vmax=high if high > low else low + 1e-6)
+    norm = LogNorm(vmin=low, vmax=high if high > low * 1.01 else low * 1.01)
     cmap = colormaps["viridis"]
     passed, pareto = set(selection.passed), set(selection.pareto)
-    for r in points:
+    key = []
+    for number, r in enumerate(points, start=1):
         on_front = r["variant"] in pareto
-        ax.scatter([r["gzip_size_bytes"]], [r["accuracy"]], c=[r["latency_ms_p50"]], cmap=cmap,
-                   norm=norm, marker=MARKERS.get(r.get("quantization"), "P"), s=80, zorder=2,
-                   edgecolors="red" if on_front else "black", linewidths=1.8 if on_front else 0.6,
+        ax.scatter([r["gzip_size_bytes"]], [r["accuracy"]], c=[max(r["latency_ms_p50"], 1e-6)],
+                   cmap=cmap, norm=norm, marker=MARKERS.get(r.get("quantization"), "P"), s=80,
+                   zorder=2, edgecolors="red" if on_front else "black",
+                   linewidths=1.8 if on_front else 0.6,
                    alpha=0.95 if r["variant"] in passed else 0.35)
-        ax.annotate(r["variant"], (r["gzip_size_bytes"], r["accuracy"]), fontsize=7,
-                    xytext=(6, 4), textcoords="offset points")
+        # Numbers next to the points, alternating sides so that neighbours do not cover each other.
+        ax.annotate(str(number), (r["gzip_size_bytes"], r["accuracy"]), fontsize=7,
+                    xytext=(5, 3) if number % 2 else (-9, -9), textcoords="offset points")
+        key.append(f"{number:>2}  {r['variant']}")
+    fig.text(KEY_LEFT + 0.01, 0.95, "\n".join(key), va="top", ha="left", family="monospace",
+             fontsize=7)
+    if gate_accuracy is not None:
+        ax.axhline(gate_accuracy, color="grey", linestyle=":", linewidth=1.2, zorder=1)
+        ax.annotate("accuracy budget", (ax.get_xlim()[0], gate_accuracy), fontsize=7,
+                    color="grey", xytext=(4, 3), textcoords="offset points")
     # The line joins the Pareto variants that are not beaten on accuracy by a smaller one.
     front, best = [], float("-inf")
     for r in sorted((r for r in points if r["variant"] in pareto),
@@ -196,9 +213,6 @@ def _draw_variants(fig, ax, points, selection: Selection) -> None:
     if champion:
         xy = (champion["gzip_size_bytes"], champion["accuracy"])
         ax.scatter(*xy, s=420, facecolors="none", edgecolors="crimson", linewidths=2.2, zorder=3)
-        ax.annotate(f"champion: {champion['variant']}", xy, xytext=(14, -20),
-                    textcoords="offset points", fontsize=9, fontweight="bold", color="crimson",
-                    arrowprops={"arrowstyle": "->", "color": "crimson"})
     ax.xaxis.set_major_formatter(lambda value, _pos: _tick(value, minor=False))
     ax.xaxis.set_minor_formatter(lambda value, _pos: _tick(value, minor=True))
     ax.tick_params(axis="x", which="both", labelsize=7)
@@ -214,7 +228,7 @@ def _draw_variants(fig, ax, points, selection: Selection) -> None:
         handles.append(Line2D([], [], marker="o", markersize=14, markerfacecolor="none",
                               markeredgecolor="crimson", linestyle="", label="champion"))
     ax.legend(handles=handles, loc="best", fontsize=8)
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="latency p50 (ms)")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="latency p50 (ms, log scale)")
 
 
 def _size(value: Any) -> str:

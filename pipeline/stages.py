@@ -483,8 +483,10 @@ def select(ctx: dict) -> dict[str, Any]:
     markdown = summary_markdown(results, selection) + _sensitivity_sections(results, selection)
     write_text(report_dir / "summary.md", markdown)
     ok = [r for r in results if r.get("status") == "ok"]
-    if ok:
-        pareto_plot(results, selection, report_dir / "pareto.png")
+    if ok:  # the budget line: the float32 accuracy less max_accuracy_drop_pts
+        reference = ok[0]["accuracy"] - ok[0]["accuracy_delta_pts"] / 100.0
+        pareto_plot(results, selection, report_dir / "pareto.png",
+                    gate_accuracy=reference - config.max_accuracy_drop_pts / 100.0)
     parent = ctx["parent_run_id"]
     for name in ("summary.md", "pareto.png"):
         if (report_dir / name).exists():
