@@ -67,7 +67,7 @@ $(AIRFLOW_HOME)/.migrated: $(VENV)/.installed
 airflow-db: $(AIRFLOW_HOME)/.migrated
 
 run: install dataset airflow-db
-	$(PY) -m pipeline.launch $(ARGS)
+	$(PY) -m pipeline.airflow_adapter.launch $(ARGS)
 
 cli: install dataset
 	$(PY) -m pipeline run $(ARGS)
@@ -99,7 +99,7 @@ mlflow-ui: install
 MODEL ?= models:/fashion-mnist-classifier@champion
 SERVE_PORT ?= 5001
 serve: install
-	$(PY) -m pipeline.registry example "$(MODEL)" .work/serving_input_example.json
+	$(PY) -m pipeline.store.registry example "$(MODEL)" .work/serving_input_example.json
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.mlflow/mlflow.db} \
 	  $(VENV)/bin/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 

@@ -2,10 +2,10 @@
 (the order flips each round), so the machine's background load falls on all of them alike; the
 tables report medians over rounds.
 
-Each measurement is the pipeline's own benchmark child (`python -m pipeline.benchmark`, the same
+Each measurement is the pipeline's own benchmark child (`python -m pipeline.runtime.benchmark`, the same
 code the `benchmark` stage runs) with its default runtime: LiteRT's CompiledModel on XNNPACK with
 a warm weight cache. The cache of each (model, thread count) is packed once by a first child and
-reused by every round, as `pipeline.benchmark.measure` does within one call.
+reused by every round, as `pipeline.runtime.benchmark.measure` does within one call.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from benchmarks.common import ROOT, median, progress
 
 
 def _child(model: Path, *, runs: int, warmup: int, threads: int, options: list[str]) -> dict:
-    command = [sys.executable, "-m", "pipeline.benchmark", str(model), "--runs", str(runs),
+    command = [sys.executable, "-m", "pipeline.runtime.benchmark", str(model), "--runs", str(runs),
                "--warmup", str(warmup), "--threads", str(threads), *options]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=ROOT)
     if done.returncode != 0:
@@ -31,7 +31,7 @@ def _child(model: Path, *, runs: int, warmup: int, threads: int, options: list[s
 
 def _prepare(model: Path, threads: int, cache: str) -> list[str]:
     """Pack the model's weight cache (the first load); a model the CompiledModel refuses is
-    measured with the interpreter instead, as `pipeline.benchmark.measure` does."""
+    measured with the interpreter instead, as `pipeline.runtime.benchmark.measure` does."""
     compiled = ["--runtime", "compiled", "--weight-cache", cache]
     try:
         _child(model, runs=1, warmup=0, threads=threads, options=compiled)

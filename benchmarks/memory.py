@@ -1,7 +1,7 @@
 """Which LiteRT loading, interpreter and delegate options keep a model's weights in memory once.
 
 Each configuration runs in a fresh process (`python -m benchmarks.memory MODEL --config NAME`) that
-reports its peak resident-set growth (as pipeline.benchmark does) and where the resident pages are
+reports its peak resident-set growth (as pipeline.runtime.benchmark does) and where the resident pages are
 at the end, from /proc/self/smaps: the model file's mapped pages, the XNNPACK weight-cache file's,
 shared libraries' (kernel code touched for the first time) and anonymous memory (heap: arena,
 packed weights, copies).
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import ROOT
-from pipeline.benchmark import rss_kib
+from pipeline.runtime.benchmark import rss_kib
 
 CONFIGS = {
     "interpreter": "Interpreter(model_path), default XNNPACK delegate (the pipeline until now)",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.benchmark import rss_kib, run_measuring_child
+from pipeline.runtime.benchmark import rss_kib, run_measuring_child
 
 OPSET = 17
 

@@ -105,7 +105,7 @@ def variant_paths(run_dir: Path, names) -> dict[str, Path]:
 
 
 def accuracy_of(path: Path, dataset) -> float:
-    from pipeline.evaluate import evaluate_tflite
+    from pipeline.runtime.evaluate import evaluate_tflite
     return evaluate_tflite(str(path), dataset.x_test, dataset.y_test, dataset.class_names).accuracy
 
 
@@ -114,7 +114,7 @@ def variant_rows(paths: dict[str, Path], dataset, *, rounds: int, runs: int, war
     """One row per variant: accuracy, sizes, latency (1 and 2 threads), peak memory, floors, and
     ratios to float32. Returns (rows, the float32 graph analysis)."""
     from benchmarks.measure import litert_rounds
-    from pipeline.benchmark import gzip_size
+    from pipeline.runtime.benchmark import gzip_size
     present = {n: p for n, p in paths.items() if p.exists()}
     progress(section, f"accuracy and graph limits of {len(present)} variant(s)")
     graphs = {n: limits.graph_memory(p) for n, p in present.items()}
@@ -189,7 +189,7 @@ def goal(name: str, target: str, measured, met: bool | None, note: str = "") -> 
 # --------------------------------------------------------------------------- 1. ResNet50
 def section_resnet(bench: Bench) -> dict:
     from benchmarks import inputs, memory
-    from pipeline.data import Dataset
+    from pipeline.sources.data import Dataset
     s = bench.settings["resnet"]
     architecture = s["architecture"]
     stand_in = architecture != "resnet50"
@@ -325,8 +325,9 @@ def _memory_conclusion(probes: list[dict], rows: dict[str, dict]) -> list[str]:
 
 # ------------------------------------------------------------------------- 2. default CNN
 def section_cnn(bench: Bench) -> dict:
-    from pipeline import artifacts, stages
-    from pipeline.data import Dataset
+    from pipeline.store import artifacts
+    from pipeline import stages
+    from pipeline.sources.data import Dataset
     s = bench.settings["cnn"]
     if bench.reuse_run is not None:
         run_dir, pipeline_seconds = bench.reuse_run, None
@@ -377,8 +378,8 @@ def section_cnn(bench: Bench) -> dict:
 # ---------------------------------------------------------------------- 3. throughput
 def section_throughput(bench: Bench) -> dict:
     from ai_edge_litert.interpreter import Interpreter
-    from pipeline.data import Dataset
-    from pipeline.litert import TFLiteRunner
+    from pipeline.sources.data import Dataset
+    from pipeline.runtime.litert import TFLiteRunner
     run_dir = _cnn_run(bench)
     dataset = Dataset.load(run_dir / "dataset.npz")
     x = dataset.x_test
@@ -483,10 +484,11 @@ def _cnn_run(bench: Bench) -> Path:
 def section_peer(bench: Bench) -> dict:
     from benchmarks import peer
     from benchmarks.measure import litert_rounds
-    from pipeline import artifacts, import_tensorflow_quietly
+    from pipeline.store import artifacts
+    from pipeline import import_tensorflow_quietly
     from pipeline.config import PipelineConfig
-    from pipeline.data import Dataset
-    from pipeline.models import load_model
+    from pipeline.sources.data import Dataset
+    from pipeline.sources.models import load_model
     s = bench.settings["peer"]
     run_dir = _cnn_run(bench)
     context = json.loads((run_dir / "context.json").read_text())
@@ -582,7 +584,7 @@ def section_orchestration(bench: Bench) -> dict:
             raise RuntimeError("airflow db migrate failed: "
                                + common.last_lines(bench.runs_dir / "airflow-migrate.log", 3))
         launchers = {"command line (python -m pipeline run)": [sys.executable, "-m", "pipeline", "run"],
-                     "Airflow DAG (python -m pipeline.launch, dag.test)": [sys.executable, "-m", "pipeline.launch"]}
+                     "Airflow DAG (python -m pipeline.airflow_adapter.launch, dag.test)": [sys.executable, "-m", "pipeline.airflow_adapter.launch"]}
         seconds: dict[str, list[float]] = {name: [] for name in launchers}
         for round_index in range(s["rounds"]):
             for label, command in (list(launchers.items())[::-1] if round_index % 2 else launchers.items()):

@@ -25,7 +25,7 @@ from datetime import timedelta
 from airflow.sdk import (AssetOrTimeSchedule, CronTriggerTimetable, Param, dag,
                          get_current_context, task, task_group)
 
-from pipeline.assets import TRAINING_DATASET
+from pipeline.airflow_adapter.assets import TRAINING_DATASET
 from pipeline.config import PipelineConfig
 from pipeline.variants import all_variant_names
 
@@ -71,7 +71,7 @@ def _config_values(context) -> dict:
 def _close_parent_run(context) -> None:
     """on_failure_callback of the pipeline-level tasks (after their last retry): the MLflow
     parent run ends FAILED with the error instead of staying RUNNING."""
-    from pipeline import tracking
+    from pipeline.store import tracking
     from pipeline.stages import one_line
     error = context.get("exception")
     experiment = _config_values(context).get("experiment") or PipelineConfig().experiment
@@ -137,7 +137,7 @@ def model_compression():
     @task(queue="training", max_active_tis_per_dagrun=1)  # fine-tuning saturates a worker's cores
     def optimize(ctx: dict, recipe: str) -> dict:
         from pipeline import stages
-        from pipeline.optimize import TechniqueError  # the model has a layer it cannot handle
+        from pipeline.techniques import TechniqueError  # the model has a layer it cannot handle
         return _input_errors_fail_fast(stages.optimize, ctx, recipe, permanent=(TechniqueError,))
 
     @task(trigger_rule="all_done")  # runs when an optimization failed: it records why

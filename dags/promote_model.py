@@ -16,7 +16,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from pipeline.config import PipelineConfig
 
-# pipeline.registry's aliases (CHAMPION, CHALLENGER); importing it here would load MLflow each
+# pipeline.store.registry's aliases (CHAMPION, CHALLENGER); importing it here would load MLflow each
 # time the DAG processor parses this file.
 ALIASES = ["champion", "challenger"]
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def promote_model():
     def promote() -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipeline import registry, tracking
+        from pipeline.store import registry, tracking
         from pipeline.errors import PipelineInputError
 
         params = get_current_context()["params"]

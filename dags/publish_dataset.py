@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipeline.assets import TRAINING_DATASET
+from pipeline.airflow_adapter.assets import TRAINING_DATASET
 
 
 @dag(
@@ -33,7 +33,7 @@ def publish_dataset():
     def publish() -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipeline.assets import dataset_event_extra
+        from pipeline.airflow_adapter.assets import dataset_event_extra
         from pipeline.errors import PipelineInputError
 
         context = get_current_context()

@@ -88,7 +88,7 @@ def run(args) -> int:
 
     values = settings_from_args(args)
     config = PipelineConfig.from_mapping(values)  # validates before anything heavy starts
-    from pipeline import tracking
+    from pipeline.store import tracking
     tracking.require_server()  # one clear line, before any training, when it is not there
     import_tensorflow_quietly()
     return run_pipeline(config.to_dict(), f"cli-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}")
@@ -108,7 +108,7 @@ def run_pipeline(config_values: dict, pipeline_run_id: str) -> int:
 
 
 def summary_footer(ctx: dict, selected: dict, outcome: dict, seconds: float | None = None) -> str:
-    from pipeline import tracking
+    from pipeline.store import tracking
     lines = [""]
     if outcome.get("skipped"):
         lines.append(f"Nothing registered: {outcome['reason']}")

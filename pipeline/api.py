@@ -45,8 +45,8 @@ class Results:
     def table(self):
         """One row per variant (status, error, tags and every metric), best first."""
         import pandas as pd
-        from pipeline.report import ordered
-        from pipeline.select import Selection
+        from pipeline.selection.report import ordered
+        from pipeline.selection.select import Selection
         rows = ordered(self.variants, Selection.from_dict(self.selection))
         columns = ["variant", "status", "accuracy", "accuracy_delta_pts", "size_bytes",
                    "gzip_size_bytes", "compression_ratio", "gzip_compression_ratio",
@@ -67,7 +67,7 @@ class Results:
 
     def model_file(self, variant: str) -> Path:
         """A local copy of `variant`'s .tflite."""
-        from pipeline import artifacts
+        from pipeline.store import artifacts
         if variant not in self.model_uris:
             raise KeyError(f"no model for variant {variant!r} (produced: "
                            f"{', '.join(self.model_uris) or 'none'})")
@@ -100,7 +100,8 @@ def run_stages(config_values: dict, pipeline_run_id: str, launcher: str = "cli")
     """train, optimize, the per-variant stages, select, register: the DAG's order in one
     process. A failed optimization or variant is recorded and the others go on; an error that
     stops the run closes its MLflow parent run as FAILED, then propagates."""
-    from pipeline import stages, tracking
+    from pipeline import stages
+    from pipeline.store import tracking
     from pipeline.config import PipelineConfig
     try:
         ctx = stages.train(config_values, pipeline_run_id, {"launcher": launcher})

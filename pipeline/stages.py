@@ -3,7 +3,7 @@
 Airflow tasks (dags/) and the command line (`python -m pipeline run`) call the same functions.
 A stage receives the run context `ctx` that `train` creates (ids, the config as a dict, the URIs
 of the run's files) and returns JSON-able dicts. Files travel between stages through the run's
-artifact store (`pipeline.artifacts`: URIs in, a local cached copy out), never as a path on the
+artifact store (`pipeline.store.artifacts`: URIs in, a local cached copy out), never as a path on the
 disk of the worker that wrote them: each stage may run on another machine. A stage's own files
 go to this machine's scratch folder, `local_run_dir(pipeline_run_id)`.
 """
@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, tracking
+from pipeline.store import artifacts, tracking
 from pipeline.files import save_array, write_bytes, write_json, write_text
 from pipeline.config import PipelineConfig, work_dir
 from pipeline.errors import PipelineInputError
@@ -63,11 +63,11 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
           tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Fetch and validate the input, train (or load) the model, and measure the float32 TFLite
     reference; every file later stages need goes to the run's artifact store."""
-    from pipeline import models
-    from pipeline.data import load_dataset
-    from pipeline.evaluate import evaluate_tflite
-    from pipeline.inputs import fetch_input
-    from pipeline.quantize import convert
+    from pipeline.sources import models
+    from pipeline.sources.data import load_dataset
+    from pipeline.runtime.evaluate import evaluate_tflite
+    from pipeline.sources.inputs import fetch_input
+    from pipeline.runtime.quantize import convert
 
     config = PipelineConfig.from_mapping(config_values)
     run_dir = local_run_dir(pipeline_run_id)
@@ -165,7 +165,7 @@ def _technique_base(kind: str, model, base_model_uri: str, dataset, run_dir: Pat
                 "tflite": "a .tflite model (a graph, no layers to train)"}.get(kind, kind)
         return None, (f"the training-time techniques (prune, cluster, qat, distill) need a Keras "
                       f"model, and this is {what}; the post-training variants run")
-    from pipeline.keras3 import TranslationError, translate
+    from pipeline.sources.keras3 import TranslationError, translate
     try:
         translated, max_abs_diff = translate(model, dataset.x_test[:64])
     except TranslationError as error:
@@ -182,7 +182,7 @@ def _technique_base(kind: str, model, base_model_uri: str, dataset, run_dir: Pat
 def _check_baseline(accuracy: float, num_classes: int, config: PipelineConfig) -> None:
     """Stop the run when the float32 model itself does not clear the accuracy floor: every
     variant of it would be measured against a broken reference."""
-    from pipeline.select import accuracy_floor
+    from pipeline.selection.select import accuracy_floor
     floor = accuracy_floor(config, num_classes)
     if accuracy < floor:
         chance = 1.0 / num_classes
@@ -198,8 +198,8 @@ def _check_baseline(accuracy: float, num_classes: int, config: PipelineConfig) -
 def _train_or_reuse(dataset, config: PipelineConfig, run_dir: Path, parent_run_id: str):
     """Train the default CNN and store it, or reuse the one an earlier attempt of this run
     stored (a retry, possibly on another worker). Returns (model, its URI)."""
-    from pipeline.models import tf_keras
-    from pipeline.train import train_baseline
+    from pipeline.sources.models import tf_keras
+    from pipeline.techniques.train import train_baseline
     stored = f"{BASELINE_FOLDER}/baseline.keras"
     if artifacts.exists(parent_run_id, stored):
         uri = artifacts.uri_of(parent_run_id, stored)
@@ -222,8 +222,8 @@ def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
     finds its record and returns it. A failed prefix fails the recipe with the prefix's error.
     The record (`exchange/optimized/<recipe>.json` of the parent run) holds the URIs of the
     model and of its test-set predictions."""
-    from pipeline.data import Dataset
-    from pipeline.optimize import TechniqueError, apply_recipe, parse_recipe
+    from pipeline.sources.data import Dataset
+    from pipeline.techniques import TechniqueError, apply_recipe, parse_recipe
 
     parent = ctx["parent_run_id"]
     record = _recipe_record(recipe)
@@ -279,8 +279,8 @@ def quantize(ctx: dict, variant_name: str) -> dict[str, Any]:
     variant = parse_variant(variant_name)
     run_id = tracking.child_run(ctx["parent_run_id"], variant.tags())
     with _variant_failure(run_id, variant.name):
-        from pipeline.data import Dataset
-        from pipeline.quantize import convert
+        from pipeline.sources.data import Dataset
+        from pipeline.runtime.quantize import convert
         from pipeline.variants import CONVERTER_MODES
         config = config_of(ctx)
         mode = variant.quantization
@@ -300,7 +300,7 @@ def quantize(ctx: dict, variant_name: str) -> dict[str, Any]:
                                                    **source)
             _quantize_tflite(mode, Path(float_tflite), out, calibration, dataset, config, run_id)
         if mode == "int8" and not variant.recipe:  # why int8 loses what it loses, per layer
-            from pipeline import litert_quantizer as lq
+            from pipeline.runtime import litert_quantizer as lq
             float_tflite = float_tflite or convert("float32", out.with_name("float32.tflite"),
                                                    **source)
             _log_sensitivity(run_id, lq.sensitivity(Path(float_tflite), "int8", calibration))
@@ -315,7 +315,7 @@ def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, data
                      config: PipelineConfig, run_id: str) -> None:
     """A float32 .tflite -> `mode` through LiteRT Quantizer; int4 and mixed variants also get
     the per-layer sensitivity table."""
-    from pipeline import litert_quantizer as lq
+    from pipeline.runtime import litert_quantizer as lq
     if mode == "float32":
         write_bytes(out, float_tflite.read_bytes())
         return
@@ -326,7 +326,7 @@ def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, data
     if mode in ("int4", "mixed"):
         table = lq.sensitivity(float_tflite, "int4", calibration, int4_ops=int4_ops)
     if mode == "mixed":
-        from pipeline.evaluate import evaluate_tflite
+        from pipeline.runtime.evaluate import evaluate_tflite
 
         def validation_accuracy(path: Path) -> float:  # the test set stays for the decision
             return evaluate_tflite(str(path), dataset.x_val, dataset.y_val,
@@ -346,7 +346,7 @@ def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, data
 
 def _log_sensitivity(run_id: str, table: list[dict], placement: dict | None = None) -> None:
     """The per-layer table (`sensitivity.md` and `.json` in the child run)."""
-    from pipeline.report import sensitivity_markdown
+    from pipeline.selection.report import sensitivity_markdown
     tracking.log_dict(run_id, table, "sensitivity.json")
     tracking.log_text(run_id, sensitivity_markdown(table, placement), "sensitivity.md")
 
@@ -357,8 +357,8 @@ def evaluate(ctx: dict, quantized: dict) -> dict[str, Any]:
     with _variant_failure(run_id, quantized["variant"]):
         import numpy as np
 
-        from pipeline.data import Dataset
-        from pipeline.evaluate import evaluate_tflite
+        from pipeline.sources.data import Dataset
+        from pipeline.runtime.evaluate import evaluate_tflite
         dataset = Dataset.load(artifacts.fetch(ctx["dataset_uri"]))
         keras_predictions = np.load(artifacts.fetch(quantized["keras_predictions_uri"]))
         evaluation = evaluate_tflite(str(artifacts.fetch(quantized["tflite_uri"])), dataset.x_test,
@@ -375,7 +375,7 @@ def benchmark(ctx: dict, evaluated: dict) -> dict[str, Any]:
     """Size, gzip size, latency and peak memory; closes the variant's child run."""
     run_id = evaluated["child_run_id"]
     with _variant_failure(run_id, evaluated["variant"]):
-        from pipeline.benchmark import measure, weight_stats
+        from pipeline.runtime.benchmark import measure, weight_stats
         config = config_of(ctx)
         tflite_path = artifacts.fetch(evaluated["tflite_uri"])
         measurement = measure(tflite_path, runs=config.latency_runs,
@@ -407,7 +407,7 @@ def _conversion_source(ctx: dict, recipe: str) -> tuple[dict, dict]:
             return {"tflite_path": str(base)}, {}
         if ctx["base_model_kind"] == "saved_model":
             return {"saved_model_dir": str(base)}, {}
-        from pipeline.models import load_model
+        from pipeline.sources.models import load_model
         return {"model": load_model(base, config_of(ctx).allow_unsafe_model)}, {}
     info = artifacts.load_json(ctx["parent_run_id"], _recipe_record(recipe))
     if info is None:
@@ -416,7 +416,7 @@ def _conversion_source(ctx: dict, recipe: str) -> tuple[dict, dict]:
         raise VariantSkipped(info["skipped"])
     if "error" in info:
         raise VariantFailed(f"optimization {recipe!r} failed: {info['error']}")
-    from pipeline.optimize import load_optimized
+    from pipeline.techniques import load_optimized
     return {"model": load_optimized(artifacts.fetch(info["model_uri"]))}, info
 
 
@@ -472,8 +472,8 @@ def results_of(ctx: dict) -> list[dict[str, Any]]:
 
 def select(ctx: dict) -> dict[str, Any]:
     """Gate every variant, choose the champion, write and log the report on the parent run."""
-    from pipeline.report import pareto_plot, summary_markdown
-    from pipeline.select import choose
+    from pipeline.selection.report import pareto_plot, summary_markdown
+    from pipeline.selection.select import choose
 
     config = config_of(ctx)
     results = results_of(ctx)
@@ -506,7 +506,7 @@ def select(ctx: dict) -> dict[str, Any]:
 def _sensitivity_sections(results: list[dict], selection) -> str:
     """The per-layer sensitivity tables of the plain int8 variant and of the champion (when it
     has one): where quantization costs accuracy."""
-    from pipeline.report import sensitivity_markdown
+    from pipeline.selection.report import sensitivity_markdown
     shown = [r for r in results if r.get("status") == "ok" and r.get("child_run_id")
              and (r["variant"] == "int8" or r["variant"] == selection.champion)]
     sections = []
@@ -527,9 +527,9 @@ REGISTER_RECORD = "report/register.json"
 def register(ctx: dict, selected: dict) -> dict[str, Any]:
     """Register the champion as a servable pyfunc model version and move aliases; close the
     parent run."""
-    from pipeline.inputs import FLOAT_MODEL_TAG
-    from pipeline.registry import register_champion
-    from pipeline.select import Selection
+    from pipeline.sources.inputs import FLOAT_MODEL_TAG
+    from pipeline.store.registry import register_champion
+    from pipeline.selection.select import Selection
 
     config = config_of(ctx)
     selection = Selection.from_dict(selected["selection"])

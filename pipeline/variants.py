@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from pipeline.errors import PipelineInputError
 
-# Modes the TF converter produces from a Keras model or SavedModel (pipeline.quantize); LiteRT
-# Quantizer (pipeline.litert_quantizer) produces them from a float32 .tflite as well.
+# Modes the TF converter produces from a Keras model or SavedModel (pipeline.runtime.quantize); LiteRT
+# Quantizer (pipeline.runtime.litert_quantizer) produces them from a float32 .tflite as well.
 CONVERTER_MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
 # Modes only LiteRT Quantizer produces, from the float32 .tflite: int4 weights (float
 # activations), and int4 with the most sensitive layers kept at int8 within an accuracy budget.

@@ -60,7 +60,7 @@ def resolve_run_url(dag_id: str, run_id: str, task_id: str, map_index: int = -1,
 
     `planned_variants`: returns the variant list the `variant` group was expanded over (None
     when unknown); called only for mapped `variant.*` tasks."""
-    from pipeline import tracking
+    from pipeline.store import tracking
 
     if dag_id != PIPELINE_DAG_ID:
         raise RunNotFound(f"DAG {dag_id!r} does not track its runs in MLflow; "
@@ -114,7 +114,7 @@ def _without_credentials(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
-def _quote(value: str) -> str:  # as pipeline.tracking quotes values in its searches
+def _quote(value: str) -> str:  # as pipeline.store.tracking quotes values in its searches
     return value.replace("'", "\\'")
 
 

@@ -15,7 +15,7 @@ EXECUTOR=celery (the production topology, as local processes):
 - Airflow's api-server, scheduler, dag-processor, triggerer (CeleryExecutor) and WORKERS Celery
   workers `worker-N`, each consuming its entry of WORKER_QUEUES, with its own PIPELINE_WORK_DIR
   (<stack>/workers/worker-N: workers share no folder) and its name as the hostname Airflow records
-  for the task instances it runs (pipeline/worker_name.py).
+  for the task instances it runs (pipeline/airflow_adapter/worker_name.py).
 
 supervisord runs every process from <stack>/supervisord.conf, which `up` generates from the
 settings: each program's output goes to <stack>/NAME.log, and a program that dies is restarted.
@@ -374,7 +374,7 @@ def airflow_environment(settings: Settings, secret: dict) -> dict[str, str]:
             "AIRFLOW__API_AUTH__JWT_SECRET": secret["jwt"],
             "AIRFLOW__API__SECRET_KEY": secret["api_secret_key"],
             # A task instance's hostname is its worker's name (worker-1, ...), not the machine's.
-            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "pipeline.worker_name.worker_name",
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "pipeline.airflow_adapter.worker_name.worker_name",
         })
         # A task waits in the broker until a worker of its queue is free; with a few slots for a
         # few dozen variant tasks that can exceed the 10 min after which Airflow fails it.
@@ -670,7 +670,7 @@ def ensure_bucket(settings: Settings, secret: dict) -> None:
     if not settings.mlflow_artifacts_destination.startswith("s3://"):
         return
     env = {**supervisord_environment(settings), **s3_environment(settings, secret)}
-    result = subprocess.run([sys.executable, "-m", "pipeline.s3", "ensure-bucket",
+    result = subprocess.run([sys.executable, "-m", "pipeline.store.s3", "ensure-bucket",
                              settings.mlflow_artifacts_destination, "--wait", "60"],
                             env=env, cwd=PROJECT, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL)

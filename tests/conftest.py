@@ -53,15 +53,15 @@ def session_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def small_dataset():
-    from pipeline.data import load_dataset
+    from pipeline.sources.data import load_dataset
     return load_dataset("fashion-mnist", train_limit=1200, test_limit=500)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path(small_dataset, session_dir):
     """A small tf_keras CNN trained one epoch, saved as .keras."""
-    from pipeline.models import build_cnn
-    from pipeline.train import compile_classifier, fit
+    from pipeline.sources.models import build_cnn
+    from pipeline.techniques.train import compile_classifier, fit
     model = build_cnn(small_dataset.input_shape, small_dataset.num_classes, width=0.5)
     compile_classifier(model, 2e-3)
     fit(model, small_dataset, epochs=1, batch_size=64, verbose=0)

@@ -4,12 +4,12 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from pipeline import compress
-from pipeline.litert import TFLiteRunner
+from pipeline.runtime.litert import TFLiteRunner
 
 
 def test_compress_takes_a_keras_model_and_arrays_and_returns_the_results(tiny_model_path,
                                                                         small_dataset):
-    from pipeline.models import load_model
+    from pipeline.sources.models import load_model
     model = load_model(tiny_model_path)  # an in-memory model, as in a notebook
     data = small_dataset
     results = compress(model, (data.x_train, data.y_train, data.x_test[:300], data.y_test[:300]),

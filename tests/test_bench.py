@@ -155,7 +155,7 @@ def test_graph_limits_of_a_small_dense_model(tmp_path):
     """Weights counted once, activations by their live ranges (independent of the bench run)."""
     import tf_keras
 
-    from pipeline.quantize import convert
+    from pipeline.runtime.quantize import convert
     # non-zero biases: the converter drops all-zero ones
     model = tf_keras.Sequential([tf_keras.Input((64,)),
                                  tf_keras.layers.Dense(32, activation="relu", bias_initializer="ones"),

@@ -182,12 +182,12 @@ def test_each_worker_has_its_name_and_folder_and_no_s3_credentials(celery_stack:
     for name in ("worker-1", "worker-2"):
         env = stack.program_env(name)
         assert env["PIPELINE_WORKER_NAME"] == name
-        assert env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] == "pipeline.worker_name.worker_name"
+        assert env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] == "pipeline.airflow_adapter.worker_name.worker_name"
         assert Path(env["PIPELINE_WORK_DIR"]) == stack.stack_dir / "workers" / name
         folders.add(env["PIPELINE_WORK_DIR"])
         assert not [k for k in env if k.startswith(("AWS_", "MLFLOW_S3_"))], name
         # The callable Airflow calls for a task instance's hostname, in the worker's environment.
-        named = subprocess.run([sys.executable, "-c", "from pipeline.worker_name import worker_name; "
+        named = subprocess.run([sys.executable, "-c", "from pipeline.airflow_adapter.worker_name import worker_name; "
                                 "print(worker_name())"], env=env, capture_output=True, text=True,
                                cwd=ROOT)
         assert named.stdout.strip() == name, named.stderr

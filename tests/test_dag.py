@@ -78,7 +78,7 @@ def test_a_dataset_event_sets_the_training_dataset():
     import importlib.util
     from types import SimpleNamespace
 
-    from pipeline.assets import TRAINING_DATASET
+    from pipeline.airflow_adapter.assets import TRAINING_DATASET
     spec = importlib.util.spec_from_file_location("mc", ROOT / "dags" / "model_compression.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

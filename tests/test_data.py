@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import Dataset, load_dataset
+from pipeline.sources.data import Dataset, load_dataset
 from pipeline.errors import PipelineInputError
 
 

@@ -17,7 +17,7 @@ def _children(client, parent_run_id):
 
 @pytest.fixture(scope="module")
 def dag_run(airflow_db):
-    from pipeline.launch import run_dag
+    from pipeline.airflow_adapter.launch import run_dag
     conf = {**QUICK, "variants": ["float32", "dynamic", "int8"], "experiment": "e2e-foundation",
             "registered_model_name": "e2e-foundation-model"}
     return run_dag(conf)
@@ -60,7 +60,7 @@ def test_dynamic_range_figures(dag_run):
 
 def test_summary_lists_every_variant(dag_run):
     """The report on the parent run has one table row per variant, each with a status."""
-    from pipeline import artifacts
+    from pipeline.store import artifacts
     from pipeline.stages import SELECTION_RECORD
     _, ctx = dag_run
     selected = artifacts.load_json(ctx["parent_run_id"], SELECTION_RECORD)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from pipeline import quantize
+from pipeline.runtime import quantize
 from pipeline.config import PipelineConfig
-from pipeline.keras3 import TranslationError, check_parity, to_tf_keras, translate
-from pipeline.litert import TFLiteRunner
-from pipeline.models import load_model, model_kind, tf_keras
-from pipeline.optimize import TechniqueError, clustering, kernel_stats, pruning, qat
+from pipeline.sources.keras3 import TranslationError, check_parity, to_tf_keras, translate
+from pipeline.runtime.litert import TFLiteRunner
+from pipeline.sources.models import load_model, model_kind, tf_keras
+from pipeline.techniques import TechniqueError, clustering, kernel_stats, pruning, qat
 
 PARITY = 1e-5
 CLUSTERS = 8
@@ -209,7 +209,7 @@ def test_a_keras3_model_gets_every_technique(small_dataset, tmp_path):
     head = keras.layers.Dense(3, activation="softmax")(model.layers[-2].output)
     model = keras.Model(model.inputs, head)
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
-    from pipeline.data import load_dataset
+    from pipeline.sources.data import load_dataset
     data = load_dataset(str(folder), input_shape=(28, 28, 1))
     model.fit(data.x_train, data.y_train, epochs=3, batch_size=32, verbose=0)
     model.save(tmp_path / "user.keras")

@@ -3,14 +3,14 @@ converter's modes for a model whose only source is a .tflite."""
 import numpy as np
 import pytest
 
-from pipeline import models
-from pipeline.benchmark import measure
-from pipeline.evaluate import evaluate_tflite, make_interpreter
-from pipeline.litert import TFLiteRunner
-from pipeline.litert_quantizer import (QuantizerError, quantize_mixed, quantize_tflite,
+from pipeline.sources import models
+from pipeline.runtime.benchmark import measure
+from pipeline.runtime.evaluate import evaluate_tflite, make_interpreter
+from pipeline.runtime.litert import TFLiteRunner
+from pipeline.runtime.litert_quantizer import (QuantizerError, quantize_mixed, quantize_tflite,
                                        sensitivity, weighted_ops)
-from pipeline.quantize import convert
-from pipeline.report import sensitivity_markdown
+from pipeline.runtime.quantize import convert
+from pipeline.selection.report import sensitivity_markdown
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_refusals_are_one_line_quantizer_errors(tflite, small_dataset, calibrati
 
 def test_int4_and_mixed_variant_names():
     from pipeline.errors import PipelineInputError
-    from pipeline.quantize import configure
+    from pipeline.runtime.quantize import configure
     from pipeline.variants import parse_variant
     for name in ("int4", "cluster-int4", "prune+cluster-int4", "distill-int4", "mixed"):
         assert parse_variant(name).name == name
@@ -156,7 +156,8 @@ def test_a_tflite_input_runs_the_post_training_variants_and_skips_the_others(
     reason, in the child runs' tags and the report; int4/int8/mixed carry a sensitivity table."""
     from mlflow import MlflowClient
 
-    from pipeline import artifacts, stages
+    from pipeline.store import artifacts
+    from pipeline import stages
     from pipeline.api import run_stages
     post_training = ["float32", "dynamic", "float16", "int8", "int4", "mixed"]
     variants = post_training + ["prune-int8", "distill-int4"]

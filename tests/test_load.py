@@ -18,7 +18,7 @@ from datetime import datetime
 import pytest
 
 from conftest_stack import DAG_ID, Stack, stack  # noqa: F401
-from pipeline.tracking import CONTRACT_METRICS
+from pipeline.store.tracking import CONTRACT_METRICS
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from pipeline import models
+from pipeline.sources import models
 from pipeline.errors import PipelineInputError
 
 

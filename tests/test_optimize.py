@@ -10,13 +10,13 @@ import pytest
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from pipeline.config import PipelineConfig
-from pipeline.data import load_dataset
+from pipeline.sources.data import load_dataset
 from pipeline.errors import PipelineInputError
-from pipeline.models import build_cnn, count_macs, load_model, predict_classes, tf_keras
-from pipeline.optimize import (TECHNIQUES, TechniqueError, apply_recipe, clustering, distillation,
+from pipeline.sources.models import build_cnn, count_macs, load_model, predict_classes, tf_keras
+from pipeline.techniques import (TECHNIQUES, TechniqueError, apply_recipe, clustering, distillation,
                                fuse_layers, kernel_stats, load_optimized, parse_recipe,
                                pruning, save_optimized)
-from pipeline.train import compile_classifier, fit, set_seed
+from pipeline.techniques.train import compile_classifier, fit, set_seed
 from pipeline.variants import OPTIMIZATION_ORDER
 
 TARGET_SPARSITY = 0.75
@@ -283,7 +283,8 @@ def stage_context(name: str, base_model: str, dataset, config, tmp_path, monkeyp
     this machine's scratch folder under `tmp_path`."""
     import uuid
 
-    from pipeline import artifacts, stages, tracking
+    from pipeline.store import artifacts, tracking
+    from pipeline import stages
     monkeypatch.setenv("PIPELINE_WORK_DIR", str(tmp_path / "work"))
     pipeline_run_id = f"test-optimize-{name}-{uuid.uuid4().hex[:8]}"
     parent = tracking.start_parent_run("test-optimize", pipeline_run_id, params={}, tags={})
@@ -299,7 +300,8 @@ def stage_context(name: str, base_model: str, dataset, config, tmp_path, monkeyp
 
 def test_a_collaborative_recipe_continues_from_its_prefix_trained_once(base_path, dataset, config,
                                                                        tmp_path, monkeypatch):
-    from pipeline import artifacts, stages
+    from pipeline.store import artifacts
+    from pipeline import stages
     ctx = stage_context("collaborative", base_path, dataset, config, tmp_path, monkeypatch)
     calls = []
     real_prune = pruning.apply
@@ -330,7 +332,8 @@ def test_a_collaborative_recipe_continues_from_its_prefix_trained_once(base_path
 
 def test_a_failed_prefix_fails_its_recipes_with_its_reason(dataset, config, tmp_path, monkeypatch):
     import keras  # Keras 3: pruning refuses it
-    from pipeline import artifacts, stages, tracking
+    from pipeline.store import artifacts, tracking
+    from pipeline import stages
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                               keras.layers.Dense(10)])
     model.save(tmp_path / "k3.keras")

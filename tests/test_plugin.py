@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from pipeline import tracking
+from pipeline.store import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_DAG = "model_compression"

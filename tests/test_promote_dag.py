@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import tracking
+from pipeline.store import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SHAPE = (6, 6, 1)
@@ -21,7 +21,7 @@ def dagbag():
 
 
 def test_no_import_errors_and_the_agreed_shape(dagbag):
-    from pipeline.assets import TRAINING_DATASET
+    from pipeline.airflow_adapter.assets import TRAINING_DATASET
 
     assert dagbag.import_errors == {}
     promote, publish = dagbag.dags["promote_model"], dagbag.dags["publish_dataset"]
@@ -102,10 +102,10 @@ def experiment(session_dir):
 
 
 def register(experiment, name, variant, gzip_size_bytes, tflite_path):
-    """One pipeline run's champion registered as `register` registers it (pipeline.registry)."""
+    """One pipeline run's champion registered as `register` registers it (pipeline.store.registry)."""
     from pipeline.config import PipelineConfig
-    from pipeline.registry import register_champion
-    from pipeline.select import Selection
+    from pipeline.store.registry import register_champion
+    from pipeline.selection.select import Selection
 
     run_id = f"manual__{name}-{variant}"
     parent = tracking.start_parent_run(experiment, run_id, {}, {})
@@ -173,7 +173,7 @@ def test_publish_dataset_validates_and_emits_the_asset_event(airflow_db, dagbag,
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    from pipeline.assets import TRAINING_DATASET
+    from pipeline.airflow_adapter.assets import TRAINING_DATASET
 
     def events():
         with create_session() as session:

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from pipeline import models
-from pipeline.benchmark import gzip_size, measure, weight_stats
-from pipeline.evaluate import evaluate_tflite, make_interpreter
-from pipeline.litert import TFLiteRunner
-from pipeline.quantize import convert
+from pipeline.sources import models
+from pipeline.runtime.benchmark import gzip_size, measure, weight_stats
+from pipeline.runtime.evaluate import evaluate_tflite, make_interpreter
+from pipeline.runtime.litert import TFLiteRunner
+from pipeline.runtime.quantize import convert
 
 
 @pytest.fixture(scope="module")

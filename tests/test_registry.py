@@ -19,9 +19,9 @@ from mlflow import MlflowClient
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineInputError
-from pipeline.litert import MAX_BATCH, TFLiteRunner
-from pipeline.registry import promote, register_champion
-from pipeline.select import Selection
+from pipeline.runtime.litert import MAX_BATCH, TFLiteRunner
+from pipeline.store.registry import promote, register_champion
+from pipeline.selection.select import Selection
 
 IMAGE_SHAPE = (6, 6, 1)
 FEATURES = int(np.prod(IMAGE_SHAPE))
@@ -126,7 +126,7 @@ def register(store, name, variant, *, gzip, accuracy, tflite_path, images, runs=
 def served(store, tflite_int8, images, tmp_path_factory):
     """A registered model whose first version is the champion, its input example and class
     names taken from a prepared dataset file."""
-    from pipeline.data import Dataset
+    from pipeline.sources.data import Dataset
 
     labels = np.arange(len(images)) % len(CLASS_NAMES)
     pixels = images.reshape(-1, *IMAGE_SHAPE)
@@ -226,7 +226,7 @@ def test_champion_moves_only_to_better_versions_and_rolls_back(store, tflite_int
 
 
 def test_retry_finishes_an_interrupted_registration(store, tflite_int8, images, monkeypatch):
-    import pipeline.registry as registry
+    import pipeline.store.registry as registry
 
     name, client = "interrupted", MlflowClient()
     runs = pipeline_runs(store)

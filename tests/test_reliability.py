@@ -2,7 +2,7 @@
 faults, and what is left afterwards: counts of DAG runs, task tries, MLflow runs and registry
 versions, never a duplicate, never a half-written file taken for a whole one.
 
-- Bad input: each case is one DAG run (`dag.test`, pipeline.launch.run_dag, on the session's
+- Bad input: each case is one DAG run (`dag.test`, pipeline.airflow_adapter.launch.run_dag, on the session's
   Airflow DB) that fails in `train` at once (AirflowFailException: no retry) with the clear
   message, adds no MLflow run and no registry version. An unknown variant is refused by the
   trigger form's schema before a DAG run exists.
@@ -105,7 +105,7 @@ def attempts(monkeypatch) -> Attempts:
 
 @pytest.fixture(autouse=True)
 def restore_mlflow_tracking_uri():
-    """Tests here point the pipeline at their own tracking stores, and pipeline.tracking sets
+    """Tests here point the pipeline at their own tracking stores, and pipeline.store.tracking sets
     MLflow's process-wide tracking URI: put it back for the tests that follow."""
     import mlflow
     previous = mlflow.get_tracking_uri()
@@ -248,7 +248,7 @@ def test_bad_input_fails_train_once_with_a_clear_message(airflow_db, tmp_path, t
     from airflow.sdk.exceptions import AirflowFailException
     from mlflow import MlflowClient
 
-    from pipeline.launch import run_dag
+    from pipeline.airflow_adapter.launch import run_dag
     client = MlflowClient()
     versions_before = registry_version_count(client)
     conf = {**TINY, **bad_conf(case, tmp_path, tiny_model_path),
@@ -280,7 +280,7 @@ def test_bad_input_fails_train_once_with_a_clear_message(airflow_db, tmp_path, t
         marker = tmp_path / "lambda-ran"
         assert not marker.exists(), "the Lambda layer's code ran"
         # The marker does work: loading the model as an unsafe one runs the Lambda's code.
-        from pipeline.models import load_model
+        from pipeline.sources.models import load_model
         load_model(conf["model_path"], allow_unsafe=True)
         assert marker.read_text() == "ran"
 
@@ -288,7 +288,7 @@ def test_bad_input_fails_train_once_with_a_clear_message(airflow_db, tmp_path, t
 def test_unknown_variant_is_rejected_by_the_trigger_form_before_any_task(airflow_db):
     from airflow.sdk.exceptions import ParamValidationError
 
-    from pipeline.launch import run_dag
+    from pipeline.airflow_adapter.launch import run_dag
     runs_before = dag_run_count()
     with pytest.raises(ParamValidationError, match="int9"):
         run_dag({**TINY, "variants": ["float32", "int9"], "experiment": "reliability-bad-input"})
@@ -304,7 +304,7 @@ def layernorm_model_path(small_dataset, tmp_path_factory) -> str:
     import pipeline  # noqa: F401
     import tf_keras
 
-    from pipeline.train import compile_classifier, fit
+    from pipeline.techniques.train import compile_classifier, fit
     layers = tf_keras.layers
     model = tf_keras.Sequential([tf_keras.Input(small_dataset.input_shape),
                                  layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(),
@@ -322,7 +322,7 @@ def test_a_layer_qat_cannot_quantize_fails_only_that_variant(airflow_db, layerno
     from airflow.sdk.exceptions import AirflowFailException
     from mlflow import MlflowClient
 
-    from pipeline.launch import run_dag
+    from pipeline.airflow_adapter.launch import run_dag
     variants = ["float32", "dynamic", "qat-int8"]
     dag_run, ctx = run_dag({**TINY, "variants": variants, "model_path": layernorm_model_path,
                             "experiment": "reliability-qat",
@@ -356,7 +356,8 @@ def test_a_layer_qat_cannot_quantize_fails_only_that_variant(airflow_db, layerno
         assert set(CONTRACT_METRICS) <= set(children[name].data.metrics), name
 
     # What select and register recorded on the parent run (any worker may have run them).
-    from pipeline import artifacts, stages
+    from pipeline.store import artifacts
+    from pipeline import stages
     selected = artifacts.load_json(ctx["parent_run_id"], stages.SELECTION_RECORD)
     assert selected["failed_variants"] == ["qat-int8"]
     assert (selected["variants_ok"], selected["variants_total"]) == (2, 3)
@@ -435,8 +436,8 @@ def test_mlflow_outages_are_ridden_out_by_retries_without_duplicates(airflow_db,
     run per variant and one registry version: the retries found what the failed tries created."""
     from mlflow import MlflowClient
 
-    from pipeline import registry, tracking
-    from pipeline.launch import run_dag
+    from pipeline.store import registry, tracking
+    from pipeline.airflow_adapter.launch import run_dag
     outage = mlflow_outage
     monkeypatch.setenv("PIPELINE_RETRY_DELAY_SECONDS", "1")  # read when the DAG is parsed
 
@@ -516,7 +517,8 @@ def test_mlflow_outages_are_ridden_out_by_retries_without_duplicates(airflow_db,
     assert champion.version == version.version
 
     # A retry of a task that had already succeeded changes nothing either.
-    from pipeline import artifacts, stages
+    from pipeline.store import artifacts
+    from pipeline import stages
     recorded = artifacts.load_json(ctx["parent_run_id"], stages.SELECTION_RECORD)
     selected = {k: v for k, v in recorded.items() if k != "results"}  # what select handed on
     assert selected["selection"]["champion"] == version.tags["variant"]
@@ -587,7 +589,7 @@ def test_a_run_killed_while_quantizing_resumes_with_the_same_result(tmp_path, mo
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == -signal.SIGKILL
-    from pipeline import artifacts
+    from pipeline.store import artifacts
     (run_dir,) = [p for p in work.iterdir() if p.name != "cache"]
     left_behind = assert_whole(run_dir)  # a kill leaves no half-written file under a final name
     ctx = json.loads((run_dir / "context.json").read_text())

@@ -2,8 +2,8 @@
 import pytest
 
 from pipeline.config import PipelineConfig
-from pipeline.report import pareto_plot, summary_markdown, terminal_table
-from pipeline.select import choose
+from pipeline.selection.report import pareto_plot, summary_markdown, terminal_table
+from pipeline.selection.select import choose
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import s3, tracking
+from pipeline.store import s3, tracking
 from pipeline.errors import PipelineInputError
 from tests.servers import (MOTO_ACCESS_KEY_ID, MOTO_SECRET_ACCESS_KEY, free_port,
                            moto_credentials_env, moto_s3, running_mlflow_server,  # noqa: F401
@@ -52,7 +52,7 @@ def client_env(tracking_url: str, **extra: str) -> dict[str, str]:
 
 
 def s3_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.s3", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.store.s3", *args], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=120)
 
 
@@ -313,7 +313,7 @@ def test_stages_run_on_workers_that_share_no_folder(stack, tmp_path):
 def test_a_registered_model_and_an_s3_dataset_as_inputs(stack, pipeline_run, tmp_path):
     """`--model models:/NAME@champion` starts from the float model that champion was compressed
     from; `--dataset s3://...npz` is read from the S3 endpoint; missing URIs are one clear line."""
-    from pipeline.data import load_dataset
+    from pipeline.sources.data import load_dataset
     data = load_dataset("fashion-mnist", train_limit=600, test_limit=200)
     npz = tmp_path / "shirts.npz"
     np.savez(npz, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
@@ -358,7 +358,7 @@ def test_an_upload_during_an_s3_outage_names_the_artifact_store(s3_down, pipelin
                                                                  monkeypatch, tmp_path):
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.store import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_down.tracking_url)
     for name, value in FAST_MLFLOW_RETRIES.items():
@@ -418,7 +418,7 @@ def test_a_failed_model_upload_registers_nothing(s3_down, pipeline_run, monkeypa
 def test_a_download_during_an_outage_names_the_artifact_store(s3_down, pipeline_run, tmp_path,
                                                                monkeypatch):
     """A worker with an empty cache fetches a file another task stored: the outage is named."""
-    from pipeline import artifacts
+    from pipeline.store import artifacts
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_down.tracking_url)
     monkeypatch.setenv("PIPELINE_WORK_DIR", str(tmp_path))
     for name, value in FAST_MLFLOW_RETRIES.items():

@@ -1,6 +1,6 @@
 """Secrets in the environment stay out of everything a run writes.
 
-A tiny DAG run (`python -m pipeline.launch`, i.e. `make run`: `dag.test` on the session's Airflow
+A tiny DAG run (`python -m pipeline.airflow_adapter.launch`, i.e. `make run`: `dag.test` on the session's Airflow
 metadata DB) runs with known secrets planted in its environment: S3 credentials, an MLflow
 tracking token (sent to the tracking server with every request) and an Airflow connection with a
 password. Its tracking server is a real `mlflow server` process (tests/servers.py) with its own
@@ -76,7 +76,7 @@ def planted_run(airflow_db, tmp_path_factory):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW_CONN_"))}
         env.update(SECRETS, **QUICK_ENV, MLFLOW_TRACKING_URI=url,
                    PIPELINE_WORK_DIR=str(root / "work"))
-        result = subprocess.run([sys.executable, "-m", "pipeline.launch", *RUN_ARGS], cwd=ROOT,
+        result = subprocess.run([sys.executable, "-m", "pipeline.airflow_adapter.launch", *RUN_ARGS], cwd=ROOT,
                                 env=env, capture_output=True, timeout=1800)
         server_log = server.log_path.read_bytes()
         from mlflow import MlflowClient

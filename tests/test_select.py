@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineInputError
-from pipeline.select import Selection, choose, gate_failures, objective_value, pareto_front
+from pipeline.selection.select import Selection, choose, gate_failures, objective_value, pareto_front
 
 
 def result(variant, accuracy=0.90, delta=-0.2, gzip=10_000, latency=1.0, memory=20.0,

@@ -4,11 +4,11 @@ stripped. After pruning, clustering preserves sparsity (zeros stay zeros and one
 
 Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT clusters) holding more
 weights than there are clusters; other layers (and layers inside nested models) are left as they
-are. Clustering works on `optimize.fuse_layers(model)` (see there why).
+are. Clustering works on `techniques.fuse_layers(model)` (see there why).
 """
 from __future__ import annotations
 
-from pipeline import optimize
+from pipeline import techniques
 
 NAME = "cluster"
 # TF-MOT's clustering guide fine-tunes far below the training rate: the centroids only need nudging.
@@ -19,11 +19,11 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     import tensorflow_model_optimization as tfmot
 
     clustering = tfmot.clustering.keras
-    model = optimize.fuse_layers(model)
-    targets = {layer.name for layer in optimize.tfmot_kernel_layers(model)
+    model = techniques.fuse_layers(model)
+    targets = {layer.name for layer in techniques.tfmot_kernel_layers(model)
                if layer.kernel.shape.num_elements() > config.cluster_count}
     if not targets:
-        raise optimize.TechniqueError(
+        raise techniques.TechniqueError(
             f"{NAME}: model {model.name!r} has no Conv/Dense kernel with more than "
             f"{config.cluster_count} weights to cluster")
     params = {
@@ -32,7 +32,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
         "preserve_sparsity": "prune" in applied,
     }
 
-    clustered = optimize.wrap_and_finetune(
+    clustered = techniques.wrap_and_finetune(
         model, targets, lambda layer: clustering.cluster_weights(layer, **params), NAME, dataset,
         config, learning_rate=config.learning_rate * LEARNING_RATE_SCALE)
     return clustering.strip_clustering(clustered)

@@ -22,10 +22,10 @@ from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from pipeline import tracking
+from pipeline.store import tracking
 from pipeline.config import work_dir
 
-log = logging.getLogger("pipeline.artifacts")
+log = logging.getLogger("pipeline.store.artifacts")
 
 EXCHANGE = "exchange"  # the parent run's folder of files handed from task to task
 _DIGEST = "#sha256="

@@ -21,9 +21,9 @@ import math
 
 import numpy as np
 
-from pipeline import optimize
-from pipeline.models import build_cnn, count_macs, tf_keras
-from pipeline.train import cosine_schedule
+from pipeline import techniques
+from pipeline.sources.models import build_cnn, count_macs, tf_keras
+from pipeline.techniques.train import cosine_schedule
 
 NAME = "distill"
 
@@ -38,7 +38,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
         student = scaled_copy(teacher, config.student_width)
     teacher_macs, student_macs = count_macs(teacher), count_macs(student)
     if teacher_macs and student_macs >= teacher_macs:
-        raise optimize.TechniqueError(
+        raise techniques.TechniqueError(
             f"{NAME}: the student ({student_macs:,} multiply-adds at student_width="
             f"{config.student_width}) is not smaller than the teacher ({teacher_macs:,}): "
             "lower student_width")
@@ -76,7 +76,7 @@ def scaled_copy(teacher, width: float):
     try:
         return keras.models.clone_model(teacher, clone_function=clone)
     except (ValueError, TypeError) as error:
-        raise optimize.TechniqueError(
+        raise techniques.TechniqueError(
             f"{NAME}: cannot build a width-scaled student of {teacher.name} ({error}); use a "
             "model without fixed-size Reshape layers, or skip distill") from None
 
@@ -117,7 +117,7 @@ def fit_to_teacher(student, teacher, dataset, config, *, epochs: int,
 def teacher_logits(teacher, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """The teacher's logits; log-probabilities when its last layer is a softmax."""
     outputs = np.asarray(teacher.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
-    if optimize.outputs_probabilities(teacher):
+    if techniques.outputs_probabilities(teacher):
         outputs = np.log(np.clip(outputs, 1e-7, 1.0))
     return outputs
 

@@ -28,7 +28,7 @@ def configure(converter, mode: str, representative_data=None, *, qat: bool = Fal
     import tensorflow as tf
     if mode not in CONVERTER_MODES:
         raise ValueError(f"{mode!r} is not a converter mode (one of {', '.join(CONVERTER_MODES)}); "
-                         f"int4 and mixed come from pipeline.litert_quantizer")
+                         f"int4 and mixed come from pipeline.runtime.litert_quantizer")
     if mode == "float32":
         return converter
     converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -1,6 +1,6 @@
 """Size, gzip size, latency percentiles and peak memory of a .tflite model.
 
-Latency and memory are measured in a fresh Python subprocess (`python -m pipeline.benchmark
+Latency and memory are measured in a fresh Python subprocess (`python -m pipeline.runtime.benchmark
 MODEL.tflite`), the way LiteRT's benchmark tool reports a footprint: the memory figure is the peak
 resident-set growth caused by loading the model, allocating its tensors and running it, so no
 earlier allocation in the pipeline's own process pollutes it.
@@ -58,7 +58,7 @@ def gzip_size(path: str | Path) -> int:
 def weight_stats(model_path: str | Path) -> dict[str, float]:
     """Share of zero weights and the most distinct values in one kernel, read from the .tflite's
     conv/dense kernels (after any dequantize op), so the figures describe what ships."""
-    from pipeline.evaluate import make_interpreter
+    from pipeline.runtime.evaluate import make_interpreter
     interpreter = make_interpreter(str(model_path))
     ops = interpreter._get_ops_details()  # noqa: SLF001 (the only way to walk the graph)
     producers = {out: op for op in ops for out in op["outputs"]}
@@ -107,7 +107,7 @@ def measure(model_path: str | Path, *, runs: int = 200, warmup: int = 20, num_th
 def _run_child(model_path, runs: int, warmup: int, num_threads: int, options: list[str],
                timeout: float) -> dict:
     return run_measuring_child(
-        "pipeline.benchmark", [str(model_path), "--runs", str(runs), "--warmup", str(warmup),
+        "pipeline.runtime.benchmark", [str(model_path), "--runs", str(runs), "--warmup", str(warmup),
                                "--threads", str(num_threads), *options],
         f"benchmark of {Path(model_path).name}", timeout)
 
@@ -115,10 +115,8 @@ def _run_child(model_path, runs: int, warmup: int, num_threads: int, options: li
 def run_measuring_child(module: str, args: list[str], label: str, timeout: float) -> dict:
     """Run `python -m module args` in a fresh process (the project importable); its last line of
     output is a JSON object of figures. Raises RuntimeError with the child's last error line."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"{label} failed: {tail[0]}")

@@ -1,5 +1,5 @@
 """The name Airflow records as a task instance's hostname (`AIRFLOW__CORE__HOSTNAME_CALLABLE=
-pipeline.worker_name.worker_name`).
+pipeline.airflow_adapter.worker_name.worker_name`).
 
 Several Celery workers on one machine would all show the machine's name; each worker of
 `make up EXECUTOR=celery` runs with `PIPELINE_WORKER_NAME` set (`worker-1`, `worker-2`, ...), so

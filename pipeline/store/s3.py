@@ -13,8 +13,8 @@ an instance role) or, with `aws_conn_id`, from an Airflow connection laid out li
 provider's (login = access key id, password = secret key, extra `endpoint_url`, `region_name`).
 They go to boto3 and nowhere else: never logged, returned, tagged, or put into XCom.
 
-    python -m pipeline.s3 ensure-bucket s3://mlflow/artifacts [--endpoint-url URL] [--wait 60]
-    python -m pipeline.s3 describe [--endpoint-url URL]
+    python -m pipeline.store.s3 ensure-bucket s3://mlflow/artifacts [--endpoint-url URL] [--wait 60]
+    python -m pipeline.store.s3 describe [--endpoint-url URL]
 
 Exit status: 0 on success, 2 on bad input or rejected credentials (one line on stderr), 1 when
 the endpoint stays unreachable (one line) or on other failures.
@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import PipelineInputError
 
-log = logging.getLogger("pipeline.s3")
+log = logging.getLogger("pipeline.store.s3")
 
 # Where the endpoint comes from when none is given, first match wins: the variable the MLflow
 # server reads, then the ones boto3 itself reads.
@@ -309,11 +309,11 @@ def _airflow_connection(conn_id: str):
 # --------------------------------------------------------------------------------- command line
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(2, f"error: {message} (see python -m pipeline.s3 --help)\n")
+        self.exit(2, f"error: {message} (see python -m pipeline.store.s3 --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pipeline.s3",
+    parser = _Parser(prog="python -m pipeline.store.s3",
                      description="Set up the S3 artifact store behind the MLflow server.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ensure = commands.add_parser("ensure-bucket", help="create the bucket unless it exists")

@@ -14,7 +14,7 @@ pipeline's models). Served with `mlflow models serve`, it answers
 `{"inputs": [[[[0.0], ...]]]}` (N x H x W x C nested lists) with
 `{"predictions": [{"class": 3, "label": "Dress", "score_0": ..., ...}]}`.
 
-The model ships its own code (this module, `pipeline.select` and `pipeline.errors`, staged as
+The model ships its own code (this module, `pipeline.selection.select` and `pipeline.errors`, staged as
 `code_paths`) and needs only ai-edge-litert, numpy and pandas at serving time, not TensorFlow.
 
 Registration is idempotent: a version is identified by its tags `parent_run_id` + `variant`; a
@@ -38,8 +38,8 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineInputError
-from pipeline.litert import TFLiteRunner
-from pipeline.select import OBJECTIVE_METRICS, Selection, finite_number
+from pipeline.runtime.litert import TFLiteRunner
+from pipeline.selection.select import OBJECTIVE_METRICS, Selection, finite_number
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 # Test images stored with the model as its input example (and in its serving example).
 EXAMPLE_IMAGES = 3
 # The modules the pyfunc model needs when it is loaded elsewhere (keep their imports light).
-SERVING_MODULES = ("__init__.py", "errors.py", "select.py", "litert.py", "registry.py")
+SERVING_MODULES = ("__init__.py", "errors.py", "selection/__init__.py", "selection/select.py",
+                   "runtime/__init__.py", "runtime/litert.py", "store/__init__.py",
+                   "store/registry.py")
 SERVING_PACKAGES = ("ai-edge-litert", "numpy", "pandas")
 PYFUNC_NAME = "tflite_pyfunc"
 # Copied from the variant's result onto its model version, next to the identity tags.
@@ -112,7 +114,7 @@ def log_tflite_pyfunc(tflite_path: str | Path, input_example: Any = None, name: 
         # "integer columns cannot represent missing values": `class` is never missing.
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
         signature = infer_signature(example, model.frame(runner.scores(runner.images(example))))
-    from pipeline.tracking import explain_artifact_errors  # not needed (nor shipped) for serving
+    from pipeline.store.tracking import explain_artifact_errors  # not needed (nor shipped) for serving
     active = mlflow.active_run()
     with tempfile.TemporaryDirectory() as staging, explain_artifact_errors(
             "pyfunc model", active.info.run_id if active else ""):
@@ -175,7 +177,7 @@ def register_champion(selection: Selection | dict,
         tags.update(extra_tags or {})
         tags.update({k: str(result[k]) for k in METRIC_TAGS if result.get(k) is not None})
         if dataset_path is not None and (input_example is None or class_names is None):
-            from pipeline.data import Dataset  # registration only; the served model needs no data
+            from pipeline.sources.data import Dataset  # registration only; the served model needs no data
 
             dataset = Dataset.load(dataset_path)
             if input_example is None:
@@ -230,7 +232,7 @@ def _log_variant_model(result, run_id, input_example, class_names) -> "ModelInfo
     with tempfile.TemporaryDirectory() as download_dir:
         tflite_path = result.get("tflite_path")
         if (not tflite_path or not Path(tflite_path).is_file()) and result.get("tflite_uri"):
-            from pipeline import artifacts  # registration only; not shipped for serving
+            from pipeline.store import artifacts  # registration only; not shipped for serving
             tflite_path = str(artifacts.fetch(result["tflite_uri"]))
         if not tflite_path or not Path(tflite_path).is_file():
             tflite_path = mlflow.artifacts.download_artifacts(
@@ -307,10 +309,10 @@ def _summary(client, name, version, decision, reused) -> dict[str, Any]:
 
 def _stage_serving_code(staging: Path) -> str:
     """Copy the modules the model imports into `staging/pipeline` (a minimal package)."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     target = staging / package.name
-    target.mkdir()
     for module in SERVING_MODULES:
+        (target / module).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(package / module, target / module)
     return str(target)
 
@@ -318,7 +320,7 @@ def _stage_serving_code(staging: Path) -> str:
 def write_serving_example(model_uri: str, out_path: str | Path) -> Path:
     """The request body stored with a registered model (its input example), written to
     `out_path` for `curl -d @out_path .../invocations`."""
-    from pipeline import tracking  # the project's tracking store when none is set
+    from pipeline.store import tracking  # the project's tracking store when none is set
     tracking.client()
     try:
         local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/serving_input_example.json")
@@ -333,11 +335,11 @@ def write_serving_example(model_uri: str, out_path: str | Path) -> Path:
 
 
 def main(argv=None) -> int:
-    """`python -m pipeline.registry example MODEL_URI OUT.json`: a ready request body."""
+    """`python -m pipeline.store.registry example MODEL_URI OUT.json`: a ready request body."""
     import sys
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 3 or args[0] != "example":
-        print("usage: python -m pipeline.registry example MODEL_URI OUT.json", file=sys.stderr)
+        print("usage: python -m pipeline.store.registry example MODEL_URI OUT.json", file=sys.stderr)
         return 2
     try:
         print(f"request body for {args[1]}: {write_serving_example(args[1], args[2])}")

@@ -4,15 +4,15 @@ optimizations DEFAULT, a representative dataset and int8 builtins to get int8 ke
 
 After pruning and/or clustering, collaborative optimization keeps their work through QAT:
 prune-preserving (PQAT), cluster-preserving (CQAT) or both (PCQAT) quantization schemes.
-QAT works on `optimize.fuse_layers(model)`: without it, Dense+BatchNorm pairs convert to a broken
+QAT works on `techniques.fuse_layers(model)`: without it, Dense+BatchNorm pairs convert to a broken
 int8 model and kernels followed by a ReLU layer get no weight quantizer (see there).
 Rescaling layers (pixel scaling inside the model, common in Keras 3 models translated by
-pipeline.keras3), which TF-MOT's QAT registry refuses, get their output quantized only.
+pipeline.sources.keras3), which TF-MOT's QAT registry refuses, get their output quantized only.
 """
 from __future__ import annotations
 
-from pipeline import optimize
-from pipeline.models import flat_layers, tf_keras
+from pipeline import techniques
+from pipeline.sources.models import flat_layers, tf_keras
 
 NAME = "qat"
 # QAT starts from a trained model and only adapts it to int8 rounding: a small rate.
@@ -26,14 +26,14 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     import tensorflow_model_optimization as tfmot
 
     quantization = tfmot.quantization.keras
-    model = optimize.fuse_layers(model)
-    from_logits = not optimize.outputs_probabilities(model)  # before wrapping hides the activation
+    model = techniques.fuse_layers(model)
+    from_logits = not techniques.outputs_probabilities(model)  # before wrapping hides the activation
     # quantize_scope: quantize_apply clones the annotated model, output-only configs included.
-    with optimize.tfmot_errors(NAME), quantization.quantize_scope():
+    with techniques.tfmot_errors(NAME), quantization.quantize_scope():
         _reserve_layer_names(model)
         annotated = quantization.quantize_annotate_model(_annotate_output_only(model))
         quantized = quantization.quantize_apply(annotated, scheme(applied))
-    optimize.finetune(quantized, dataset, config,
+    techniques.finetune(quantized, dataset, config,
                       learning_rate=config.learning_rate * LEARNING_RATE_SCALE,
                       from_logits=from_logits)
     return quantized

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.select import PARETO_METRICS, Selection, finite_number, objective_value
+from pipeline.selection.select import PARETO_METRICS, Selection, finite_number, objective_value
 
 COLUMNS = ("variant", "accuracy", "delta (pts)", "size", "gzip size", "ratio", "gzip ratio",
            "latency p50 (ms)", "peak mem (MB)", "gates", "pareto", "champion")
@@ -96,7 +96,7 @@ LAYER_CHARS = 60
 
 def sensitivity_markdown(rows: list[dict[str, Any]],
                          placement: dict[str, str] | None = None) -> str:
-    """The per-layer sensitivity table (`pipeline.litert_quantizer.sensitivity` rows) as
+    """The per-layer sensitivity table (`pipeline.runtime.litert_quantizer.sensitivity` rows) as
     markdown, in graph order; `rank` 1 is the most sensitive (lowest output SNR). `placement`
     (`MixedResult.layers`) adds the precision the mixed model gave each layer."""
     columns = SENSITIVITY_COLUMNS + (("mixed",) if placement is not None else ())

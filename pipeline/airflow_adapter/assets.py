@@ -20,7 +20,7 @@ TRAINING_DATASET = Asset(name="model_compression/training_dataset",
 def dataset_event_extra(spec: str) -> dict[str, Any]:
     """Load and validate the whole dataset `spec` ('fashion-mnist', an image folder or an .npz),
     as training will; return the asset event's extra. Raises PipelineInputError when unusable."""
-    from pipeline.data import load_dataset
+    from pipeline.sources.data import load_dataset
 
     if spec not in ("fashion-mnist", "fashion_mnist"):
         # Absolute, so the consuming run finds the same files whatever its working directory.

@@ -6,8 +6,8 @@ import math
 import numpy as np
 
 from pipeline.config import PipelineConfig
-from pipeline.data import Dataset
-from pipeline.models import build_cnn, tf_keras
+from pipeline.sources.data import Dataset
+from pipeline.sources.models import build_cnn, tf_keras
 
 
 def set_seed(seed: int) -> None:

@@ -213,7 +213,7 @@ class TFLiteModel:
     JAX): run through the LiteRT interpreter; the post-training modes quantize the file itself."""
 
     def __init__(self, path: Path):
-        from pipeline.litert import TFLiteRunner
+        from pipeline.runtime.litert import TFLiteRunner
         self.path = Path(path)
         self._runner = TFLiteRunner(path)
         quantized = _quantized_tensors(path)

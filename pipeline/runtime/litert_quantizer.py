@@ -1,6 +1,6 @@
 """Quantization of any float32 .tflite through LiteRT Quantizer (`litert_quantizer`).
 
-The TF converter (pipeline.quantize) needs a Keras model or a SavedModel; this module needs only
+The TF converter (pipeline.runtime.quantize) needs a Keras model or a SavedModel; this module needs only
 the converter's float32 output, so it serves every model source, a user's bare .tflite included:
 
 - `quantize_tflite(mode, ...)`: `int4` (int4 weights, float activations) and, for a model whose
@@ -14,7 +14,7 @@ the converter's float32 output, so it serves every model source, a user's bare .
 int4 is dynamic-range: int4 weights, float activations that the kernel quantizes on the fly.
 Only FULLY_CONNECTED and EMBEDDING_LOOKUP get int4 by default; every other weighted op gets int8,
 so no weight stays float32. The choices, measured on the default CNN (3 epochs on the full
-Fashion-MNIST training set; full test set; `pipeline.benchmark.measure`, batch 1, one thread,
+Fashion-MNIST training set; full test set; `pipeline.runtime.benchmark.measure`, batch 1, one thread,
 CompiledModel on XNNPACK; one run on one machine, compare within it only):
 
                                bytes    gzip B   accuracy  p50 ms

@@ -1,5 +1,5 @@
 """Accuracy of a .tflite model through the LiteRT interpreter, batched, over the whole test set
-(`pipeline.litert.TFLiteRunner`: one resize of the input tensor, not one image per invoke)."""
+(`pipeline.runtime.litert.TFLiteRunner`: one resize of the input tensor, not one image per invoke)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -30,7 +30,7 @@ def evaluate_tflite(model_path: str, x_test: np.ndarray, y_test: np.ndarray, cla
     """Accuracy, per-class accuracy (recall) and agreement with the source Keras model."""
     from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
-    from pipeline.litert import TFLiteRunner
+    from pipeline.runtime.litert import TFLiteRunner
     runner = TFLiteRunner(model_path, num_threads=None, max_batch=batch_size)
     predicted = runner.predict_classes(x_test)
     labels = list(range(len(class_names)))

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from pipeline import artifacts
+from pipeline.store import artifacts
 from pipeline.config import PROJECT_ROOT, PipelineConfig
 from pipeline.errors import PipelineInputError
 

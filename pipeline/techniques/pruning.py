@@ -20,14 +20,14 @@ Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT prunes), 
    (TF-MOT's guide: prune later layers first).
  - for 2:4, layers whose input-channel count is not a multiple of 4 (no whole groups of four).
 Other layers (and layers inside nested models) are left as they are. Pruning works on
-`optimize.fuse_layers(model)` (Dense+BatchNorm and conv/dense+ReLU fused; see there why).
+`techniques.fuse_layers(model)` (Dense+BatchNorm and conv/dense+ReLU fused; see there why).
 """
 from __future__ import annotations
 
 import math
 
-from pipeline import optimize
-from pipeline.models import tf_keras
+from pipeline import techniques
+from pipeline.sources.models import tf_keras
 
 NAME = "prune"
 SKIP_FIRST_LAYER_BELOW = 0.01
@@ -45,10 +45,10 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     import tensorflow_model_optimization as tfmot
 
     sparsity = tfmot.sparsity.keras
-    model = optimize.fuse_layers(model)
+    model = techniques.fuse_layers(model)
     targets = layers_to_prune(model, structured=config.prune_structured)
     if not targets:
-        raise optimize.TechniqueError(
+        raise techniques.TechniqueError(
             f"{NAME}: model {model.name!r} has no Conv/Dense layer worth pruning"
             + (" (2:4 needs input channels in multiples of 4)" if config.prune_structured else ""))
     epochs = config.prune_epochs  # validated: at least 1
@@ -64,7 +64,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
             params["block_size"] = (config.prune_block, 1)  # [in, out]: along the inputs
         return sparsity.prune_low_magnitude(layer, **params)
 
-    pruned = optimize.wrap_and_finetune(
+    pruned = techniques.wrap_and_finetune(
         model, targets, wrap, NAME, dataset, config,
         learning_rate=config.learning_rate * LEARNING_RATE_SCALE, epochs=epochs,
         callbacks=[sparsity.UpdatePruningStep()])  # also re-applies masks per epoch
@@ -74,7 +74,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
 def layer_sparsity(model, targets: set[str], config) -> dict[str, float]:
     """Target sparsity of each layer `apply` prunes (see the module docstring)."""
     sizes = {layer.name: int(layer.kernel.shape.num_elements())
-             for layer in optimize.tfmot_kernel_layers(model) if layer.name in targets}
+             for layer in techniques.tfmot_kernel_layers(model) if layer.name in targets}
     largest = max(sizes.values())
     return {name: round(config.prune_sparsity * (size / largest) ** SIZE_EXPONENT, 4)
             for name, size in sizes.items()}
@@ -82,7 +82,7 @@ def layer_sparsity(model, targets: set[str], config) -> dict[str, float]:
 
 def layers_to_prune(model, *, structured: bool) -> set[str]:
     """Names of the layers `apply` prunes (see the module docstring)."""
-    candidates = optimize.tfmot_kernel_layers(model)
+    candidates = techniques.tfmot_kernel_layers(model)
     if structured:
         keras = tf_keras()
         candidates = [layer for layer in candidates

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.models import flat_layers, load_model, model_kind, predict_classes, tf_keras
-from pipeline.train import compile_classifier, cosine_schedule, fit, set_seed
+from pipeline.sources.models import flat_layers, load_model, model_kind, predict_classes, tf_keras
+from pipeline.techniques.train import compile_classifier, cosine_schedule, fit, set_seed
 from pipeline.variants import OPTIMIZATION_ORDER
 
 
@@ -217,7 +217,7 @@ def tfmot_errors(technique: str, layer=None):
 
 
 # The registry. Imported here, after the shared helpers above that the modules use.
-from pipeline.optimize import clustering, distillation, pruning, qat  # noqa: E402
+from pipeline.techniques import clustering, distillation, pruning, qat  # noqa: E402
 
 TECHNIQUES = {"distill": distillation, "prune": pruning, "cluster": clustering, "qat": qat}
 

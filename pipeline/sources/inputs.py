@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import PipelineInputError
 
-log = logging.getLogger("pipeline.inputs")
+log = logging.getLogger("pipeline.sources.inputs")
 
 MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5", ".tflite")
@@ -77,7 +77,7 @@ def _fetch_mlflow(uri: str, dest: Path, what: str) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
+    from pipeline.store import tracking
     tracking.client()  # sets the tracking URI for the fluent API
     source = uri
     if uri.startswith("models:/"):
@@ -103,7 +103,7 @@ def _float_model_uri(uri: str) -> str | None:
     """The `float_model_uri` tag of the model version a models:/ URI names, if it has one."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
+    from pipeline.store import tracking
     name, _, rest = uri[len("models:/"):].partition("@")
     try:
         if rest:
@@ -121,7 +121,7 @@ def _fetch_s3(uri: str, dest: Path, what: str) -> Path:
     """A file (s3://bucket/key) or every object under a prefix (s3://bucket/prefix/)."""
     from botocore.exceptions import ClientError
 
-    from pipeline.s3 import parse_s3_uri, resolve_endpoint, translated_errors
+    from pipeline.store.s3 import parse_s3_uri, resolve_endpoint, translated_errors
     bucket, key = parse_s3_uri(uri)
     endpoint = resolve_endpoint()
     s3 = endpoint.client()

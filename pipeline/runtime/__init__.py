@@ -1,0 +1,1 @@
+"""The LiteRT side: convert (quantize), LiteRT Quantizer (int4, mixed, sensitivity), run, evaluate, measure."""

@@ -1,0 +1,1 @@
+"""Gates, Pareto front and champion; the report (summary table, Pareto plot, sensitivity tables)."""
