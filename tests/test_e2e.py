@@ -78,3 +78,24 @@ def test_no_task_hands_on_a_local_path(dag_run, session_dir):
     text = json.dumps(ctx)
     assert str(session_dir) not in text and str(ROOT) not in text, text
     assert ctx["dataset_uri"].startswith(f"runs:/{ctx['parent_run_id']}/exchange/")
+
+
+def test_the_dag_recompresses_a_registered_champion(dag_run):
+    """`model_path: models:/NAME@champion` through the DAG: the run starts from the float model
+    that champion was compressed from (the earlier run's baseline), with no training."""
+    from mlflow import MlflowClient
+
+    from pipeline.airflow_adapter.launch import run_dag
+    _, first = dag_run
+    conf = {**QUICK, "model_path": "models:/e2e-foundation-model@champion",
+            "variants": ["float32", "int8"], "experiment": "e2e-recompress",
+            "registered_model_name": "e2e-recompressed"}
+    run, ctx = run_dag(conf)
+    assert str(run.state).endswith("success")
+    client = MlflowClient()
+    parent = client.get_run(ctx["parent_run_id"])
+    assert parent.data.params["model"] == "models:/e2e-foundation-model@champion"
+    before = client.get_run(first["parent_run_id"]).data.metrics
+    # The same float model on the same test images: the same Keras accuracy.
+    assert parent.data.metrics["keras_accuracy"] == before["keras_accuracy"]
+    assert ctx["base_model_kind"] == "tf_keras"
