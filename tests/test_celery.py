@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
@@ -249,6 +250,7 @@ def test_a_worker_killed_during_a_task_is_restarted_and_the_task_retried(celery_
         time.sleep(1)
     worker = psutil.Process(stack.status_json()["programs"]["worker-1"]["pid"])
     tree = [worker, *worker.children(recursive=True)]
+    killed_at = datetime.now(timezone.utc)
     for process in tree:  # the whole worker at once, as an out-of-memory kill or a lost host
         with contextlib.suppress(psutil.Error):
             process.kill()
@@ -263,8 +265,14 @@ def test_a_worker_killed_during_a_task_is_restarted_and_the_task_retried(celery_
         time.sleep(2)
 
     stack.wait_for_run(run_id, timeout=1200)
-    tries = {(t["task_id"], t["map_index"]): t["try_number"] for t in stack.task_instances(run_id)}
+    finished = stack.task_instances(run_id)
+    tries = {(t["task_id"], t["map_index"]): t["try_number"] for t in finished}
     assert tries[(victim["task_id"], victim["map_index"])] >= 2, tries
+    retried = next(t for t in finished if (t["task_id"], t["map_index"]) ==
+                   (victim["task_id"], victim["map_index"]))
+    recovered = datetime.fromisoformat(retried["end_date"].replace("Z", "+00:00")) - killed_at
+    print(f"killed worker-1 during {victim['task_id']}: the task succeeded again (try "
+          f"{retried['try_number']}) {recovered.total_seconds():.0f} s after the kill")
     parent = stack.parent_run("celery-kill", run_id)  # exactly one
     children = stack.mlflow_client().search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
