@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-SECTION_NUMBERS = {"resnet": 1, "cnn": 2, "throughput": 3, "peer": 4, "orchestration": 5}
+SECTION_NUMBERS = {"resnet": 1, "cnn": 2, "sparse": 3, "throughput": 4, "peer": 5,
+                   "orchestration": 6}
 
 
 def cell(value, fmt: str) -> str:

@@ -38,6 +38,7 @@ FULL = {
                "warmup": 3, "probe_runs": 5, "pipeline_latency_runs": 30},
     "cnn": {"variants": None,  # None = the suite's defaults, like every other setting
             "args": [], "rounds": 3, "runs": 200, "warmup": 20},
+    "sparse": {"rounds": 3, "runs": 200, "warmup": 20},
     "throughput": {"rounds": 3},
     "peer": {"rounds": 3, "runs": 200, "warmup": 20},
     "orchestration": {"rounds": 2,
@@ -53,6 +54,7 @@ QUICK = {
                      "--set", "finetune_epochs=1", "--set", "calibration_samples=64",
                      "--set", "latency_runs=20", "--set", "latency_warmup=2"],
             "rounds": 1, "runs": 50, "warmup": 5},
+    "sparse": {"rounds": 1, "runs": 50, "warmup": 5},
     "throughput": {"rounds": 1},
     "peer": {"rounds": 1, "runs": 50, "warmup": 5},
     "orchestration": {"rounds": 1,
@@ -60,7 +62,7 @@ QUICK = {
                                "--variants", "float32", "--set", "latency_runs=5",
                                "--set", "latency_warmup=1"]},
 }
-SECTIONS = ("resnet", "cnn", "throughput", "peer", "orchestration")
+SECTIONS = ("resnet", "cnn", "sparse", "throughput", "peer", "orchestration")
 
 
 class Bench:
@@ -77,8 +79,11 @@ class Bench:
         self.cnn_rows: dict[str, dict] = {}
         self.cnn_champion: str | None = None
         self.pipeline_failures: dict[str, str] = {}  # pipeline run name -> how it ended
-        # This process reads the runs' records from the same MLflow store as the pipeline's.
-        os.environ["MLFLOW_TRACKING_URI"] = self.env()["MLFLOW_TRACKING_URI"]
+        # This process reads the runs' records from the same MLflow store as the pipeline's: the
+        # bench's own, or for a reused run, the store that run used (MLFLOW_TRACKING_URI or the
+        # project's default).
+        if self.reuse_run is None:
+            os.environ["MLFLOW_TRACKING_URI"] = self.env()["MLFLOW_TRACKING_URI"]
 
     def env(self, **extra) -> dict:
         return common.bench_env(self.cache, **extra)
@@ -480,6 +485,95 @@ def _cnn_run(bench: Bench) -> Path:
     return bench.cnn_run
 
 
+# -------------------------------------------------------------------- sparse storage
+SPARSE_RECIPES = ("prune", "prune+cluster")
+
+
+def section_sparse(bench: Bench) -> dict:
+    """Pruned models stored dense and with LiteRT's sparsity encoding, side by side: raw and gzip
+    size, accuracy, latency and peak memory, and which runtime could run each."""
+    from benchmarks.measure import litert_rounds
+    from pipeline import import_tensorflow_quietly
+    from pipeline.config import PipelineConfig
+    from pipeline.runtime.evaluate import evaluate_tflite
+    from pipeline.runtime.quantize import convert
+    from pipeline.sources.data import Dataset
+    from pipeline.stages import _recipe_record
+    from pipeline.store import artifacts
+    from pipeline.techniques import load_optimized
+    s = bench.settings["sparse"]
+    run_dir = _cnn_run(bench)
+    context = json.loads((run_dir / "context.json").read_text())
+    config = PipelineConfig.from_mapping(context["config"], use_env=False)
+    dataset = Dataset.load(run_dir / "dataset.npz")
+    reference_bytes = context["reference"]["size_bytes"]
+    import_tensorflow_quietly()
+    out = bench.runs_dir / "sparse"
+    paths, accuracy = {}, {}
+    for recipe in SPARSE_RECIPES:
+        record = artifacts.load_json(context["parent_run_id"], _recipe_record(recipe)) or {}
+        if "model_uri" not in record:
+            continue
+        model = load_optimized(artifacts.fetch(record["model_uri"]))
+        for mode in ("dynamic", "int8"):
+            calibration = dataset.calibration_batches(config.calibration_samples, config.seed) \
+                if mode == "int8" else None
+            for storage in ("dense", "sparse"):
+                name = f"{recipe}-{mode} {storage}"
+                progress("sparse", f"converting {name}")
+                paths[name] = convert(mode, out / f"{recipe}-{mode}-{storage}.tflite", model=model,
+                                      representative_data=calibration, sparse=storage == "sparse")
+                accuracy[name] = evaluate_tflite(str(paths[name]), dataset.x_test, dataset.y_test,
+                                                 dataset.class_names).accuracy
+    if not paths:
+        raise RuntimeError("the CNN run has no prune or prune+cluster model (add prune-int8 to "
+                           "its variants)")
+    measured = litert_rounds(paths, threads=(1,), rounds=s["rounds"], runs=s["runs"],
+                             warmup=s["warmup"], section="sparse")
+    from pipeline.runtime.benchmark import gzip_size
+    rows = []
+    for name, path in paths.items():
+        figures = measured[(name, 1)]
+        rows.append({"variant": name, "size_bytes": path.stat().st_size,
+                     "gzip_size_bytes": gzip_size(path),
+                     "size_ratio": reference_bytes / path.stat().st_size,
+                     "accuracy": accuracy[name], "latency_ms_p50": figures["latency_ms_p50"],
+                     "peak_memory_mb": figures["peak_memory_mb"],
+                     "runtime": figures["runtime"] or figures["error"]})
+    by_name = {r["variant"]: r for r in rows}
+    sparse_rows = [r for r in rows if r["variant"].endswith("sparse")]
+    best = max(sparse_rows, key=lambda r: r["size_ratio"])
+    dense = by_name[best["variant"].replace("sparse", "dense")]
+    notes = [f"The float32 .tflite of the same run: {reference_bytes:,} bytes. Latency: batch 1, "
+             f"one thread, {s['rounds']} round(s) x {s['runs']} runs, medians; runtime: the one "
+             "that ran it (the CompiledModel with XNNPACK, or the interpreter's built-in kernels "
+             "when XNNPACK refuses the sparse tensors)."]
+    for row in sparse_rows:
+        twin = by_name[row["variant"].replace("sparse", "dense")]
+        notes.append(f"{row['variant']}: {twin['size_bytes'] / row['size_bytes']:.1f}x smaller raw, "
+                     f"{row['gzip_size_bytes'] / twin['gzip_size_bytes']:.2f}x the gzip size, "
+                     f"{row['latency_ms_p50'] / twin['latency_ms_p50']:.1f}x the latency "
+                     f"({row['runtime']} against {twin['runtime']}).")
+    return {
+        "title": "Sparse storage of pruned models (LiteRT EXPERIMENTAL_SPARSITY) against dense",
+        "notes": notes,
+        "goals": [goal("pruned variant raw size ratio (float32 / variant), sparse storage",
+                       ">= 8x", best["size_ratio"], best["size_ratio"] >= 8,
+                       f"{best['variant']}; its latency is "
+                       f"{best['latency_ms_p50'] / dense['latency_ms_p50']:.1f}x the dense one's")],
+        "tables": [{"id": "sparse", "title": "Dense against sparse storage",
+                    "columns": columns([("variant", "variant", "code"),
+                                        ("size_bytes", "size (MB)", "mb"),
+                                        ("gzip_size_bytes", "gzip size (MB)", "mb"),
+                                        ("size_ratio", "raw ratio", "x"),
+                                        ("accuracy", "accuracy", "pct"),
+                                        ("latency_ms_p50", "p50 ms", "ms"),
+                                        ("peak_memory_mb", "peak MiB", "mib"),
+                                        ("runtime", "runtime", "text")]),
+                    "rows": rows}],
+    }
+
+
 # -------------------------------------------------------------------------- 4. peer runtime
 def section_peer(bench: Bench) -> dict:
     from benchmarks import peer
@@ -675,7 +769,8 @@ def main(argv=None) -> int:
     }
     progress("bench", f"{results['mode']} mode on {results['machine']['cpu_model']}, "
                       f"{results['machine']['cores']} cores, load {results['load_average_start']}")
-    functions = {"resnet": section_resnet, "cnn": section_cnn, "throughput": section_throughput,
+    functions = {"resnet": section_resnet, "cnn": section_cnn, "sparse": section_sparse,
+                 "throughput": section_throughput,
                  "peer": section_peer, "orchestration": section_orchestration}
     for name in SECTIONS:
         if name not in wanted:

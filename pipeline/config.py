@@ -77,6 +77,10 @@ class PipelineConfig:
     prune_block: int = setting(4, "Dense weights are pruned in runs of this many inputs (1 = one "
                                "by one)", minimum=1, maximum=64)
     prune_structured: bool = setting(False, "2:4 structured sparsity instead of unstructured")
+    sparse_storage: bool = setting(False, "Store pruned variants' weights sparse (converter "
+                                   "modes): about 3x smaller raw files, but larger gzipped, and "
+                                   "XNNPACK refuses them, so they run ~4-5x slower on the "
+                                   "built-in kernels (make bench, section sparse)")
     cluster_count: int = setting(16, "Weight-clustering centroids per kernel", minimum=2,
                                  maximum=256)
     distill_epochs: int = setting(12, "Distillation epochs of the student", minimum=1,

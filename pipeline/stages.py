@@ -294,7 +294,8 @@ def quantize(ctx: dict, variant_name: str) -> dict[str, Any]:
         float_tflite = source.get("tflite_path")
         if mode in CONVERTER_MODES and float_tflite is None:
             convert(mode, out, representative_data=calibration,
-                    qat="qat" in variant.optimizations, **source)
+                    qat="qat" in variant.optimizations,
+                    sparse=config.sparse_storage and "prune" in variant.optimizations, **source)
         else:
             float_tflite = float_tflite or convert("float32", out.with_name("float32.tflite"),
                                                    **source)

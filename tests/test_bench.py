@@ -52,8 +52,8 @@ def test_every_section_ran_with_its_tables(quick):
         assert not section.get("error"), (name, section.get("error"))
         assert section["tables"] and section["title"]
     ids = [t["id"] for s in results["sections"].values() for t in s["tables"]]
-    assert ids == ["resnet-variants", "resnet-memory-options", "cnn-variants", "throughput", "peer",
-                   "orchestration"]
+    assert ids == ["resnet-variants", "resnet-memory-options", "cnn-variants", "sparse",
+                   "throughput", "peer", "orchestration"]
     assert results["sections"]["resnet"]["stand_in"] is True
     assert "STAND-IN" in results["sections"]["resnet"]["title"]
 
@@ -167,3 +167,17 @@ def test_graph_limits_of_a_small_dense_model(tmp_path):
     # the widest moment: the 64-float input and the 32-float hidden layer, or hidden and output
     assert graph["activation_live_peak_bytes"] == 4 * (64 + 32)
     assert limits.floors("int8", graph)["size_floor_bytes"] == model.count_params()
+
+
+def test_sparse_storage_is_measured_beside_dense(quick):
+    """The quick CNN run's prune model, dense and sparse, dynamic and int8: the sparse file is
+    smaller raw, and each row says which runtime ran it."""
+    results, _ = quick
+    rows = {r["variant"]: r for r in _table(results, "sparse")["rows"]}
+    assert set(rows) == {f"prune-{mode} {storage}" for mode in ("dynamic", "int8")
+                         for storage in ("dense", "sparse")}
+    for mode in ("dynamic", "int8"):
+        dense, sparse = rows[f"prune-{mode} dense"], rows[f"prune-{mode} sparse"]
+        assert sparse["size_bytes"] < dense["size_bytes"]
+        assert sparse["runtime"] and dense["runtime"]
+        assert abs(sparse["accuracy"] - dense["accuracy"]) < 0.01

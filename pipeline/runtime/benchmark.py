@@ -167,11 +167,10 @@ def _child(model_path: str, runs: int, warmup: int, num_threads: int,
 def _open_interpreter():
     """An opener for the classic interpreter: model -> (batch-1 input shape, dtype, set_input,
     invoke)."""
-    from ai_edge_litert.interpreter import Interpreter
+    from pipeline.runtime.litert import open_interpreter
 
     def open_model(model_path: str, num_threads: int):
-        interpreter = Interpreter(model_path=model_path, num_threads=num_threads)
-        interpreter.allocate_tensors()
+        interpreter, _ = open_interpreter(model_path, num_threads)
         detail = interpreter.get_input_details()[0]
         shape = [1] + list(detail["shape"][1:])
         if list(detail["shape"]) != shape:

@@ -20,14 +20,32 @@ from pipeline.errors import PipelineInputError
 MAX_BATCH = 256
 
 
+def open_interpreter(tflite_path: str | Path, num_threads: int | None = 1):
+    """(LiteRT interpreter with its tensors allocated, which kernels run it). XNNPACK first (the
+    default delegate); a model it refuses to prepare, e.g. with sparse weights, runs on the
+    built-in kernels instead."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_path=str(tflite_path), num_threads=num_threads)
+    try:
+        interpreter.allocate_tensors()
+        return interpreter, "xnnpack"
+    except RuntimeError as error:
+        if "failed to prepare" not in str(error) and "delegate" not in str(error).lower():
+            raise
+    interpreter = Interpreter(
+        model_path=str(tflite_path), num_threads=num_threads,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    return interpreter, "builtin"
+
+
 class TFLiteRunner:
     """Batched inference through the LiteRT interpreter with float inputs and outputs."""
 
     def __init__(self, tflite_path: str | Path, num_threads: int | None = 1,
                  max_batch: int = MAX_BATCH):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self._interpreter = Interpreter(model_path=str(tflite_path), num_threads=num_threads)
+        self._interpreter, self.kernels = open_interpreter(tflite_path, num_threads)
         inputs = self._interpreter.get_input_details()
         outputs = self._interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:

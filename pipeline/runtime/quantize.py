@@ -52,9 +52,14 @@ def configure(converter, mode: str, representative_data=None, *, qat: bool = Fal
 
 
 def convert(mode: str, out_path: str | Path, *, model=None, saved_model_dir: str | None = None,
-            representative_data=None, qat: bool = False) -> Path:
-    """Convert and write `out_path` atomically; returns the path."""
+            representative_data=None, qat: bool = False, sparse: bool = False) -> Path:
+    """Convert and write `out_path` atomically; returns the path. `sparse` stores pruned weights
+    in LiteRT's sparse format (EXPERIMENTAL_SPARSITY): smaller raw files, but XNNPACK refuses
+    them and the built-in kernels run them (see `make bench`, section sparse)."""
     converter = configure(make_converter(model, saved_model_dir), mode, representative_data, qat=qat)
+    if sparse:
+        import tensorflow as tf
+        converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     try:
         flatbuffer = converter.convert()
     except Exception as error:  # the converter raises ConverterError and friends
