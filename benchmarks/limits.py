@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 # Bytes per weight at each mode's storage width (biases of int8 kernels are int32: small).
-BYTES_PER_WEIGHT = {"float32": 4, "float16": 2, "dynamic": 1, "int8": 1, "int16x8": 1}
+# int4 and mixed: half a byte where every weight could be int4 (the floor, not what is stored).
+BYTES_PER_WEIGHT = {"float32": 4, "float16": 2, "dynamic": 1, "int8": 1, "int16x8": 1,
+                    "int4": 0.5, "mixed": 0.5}
 
 
 def _nbytes(detail: dict) -> int:
