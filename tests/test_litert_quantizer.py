@@ -2,10 +2,11 @@
 converter's modes for a model whose only source is a .tflite."""
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 
 from pipeline.sources import models
 from pipeline.runtime.benchmark import measure
-from pipeline.runtime.evaluate import evaluate_tflite, make_interpreter
+from pipeline.runtime.evaluate import evaluate_tflite
 from pipeline.runtime.litert import TFLiteRunner
 from pipeline.runtime.litert_quantizer import (QuantizerError, quantize_mixed, quantize_tflite,
                                        sensitivity, weighted_ops)
@@ -55,7 +56,7 @@ def test_measure_reports_the_runtime_it_fell_back_to(tflite, calibration, tmp_pa
     from litert_quantizer import Quantizer, recipe
     quantizer = Quantizer(str(tflite["float32"]))  # int16 input: the CompiledModel cannot be fed
     quantizer.load_quantization_recipe(recipe.static_wi8_ai16())
-    (key, signature), = make_interpreter(str(tflite["float32"])).get_signature_list().items()
+    (key, signature), = Interpreter(model_path=str(tflite["float32"])).get_signature_list().items()
     data = {key: [{signature["inputs"][0]: batch} for batch in calibration]}
     int16_io = tmp_path / "int16-io.tflite"
     quantizer.quantize(quantizer.calibrate(data, num_threads=1)).export_model(str(int16_io))
@@ -111,7 +112,7 @@ def test_a_tflite_alone_gives_dynamic_int8_and_int4(tflite, small_dataset, calib
                                calibration=calibration if mode == "int8" else None)
         assert path.stat().st_size < 0.3 * tflite["float32"].stat().st_size, mode
         assert accuracy(path, small_dataset) >= float_accuracy - 0.03, mode
-    assert make_interpreter(str(tmp_path / "int8.tflite")).get_input_details()[0]["dtype"] == np.int8
+    assert Interpreter(model_path=str(tmp_path / "int8.tflite")).get_input_details()[0]["dtype"] == np.int8
 
 
 def test_refusals_are_one_line_quantizer_errors(tflite, small_dataset, calibration, tmp_path):

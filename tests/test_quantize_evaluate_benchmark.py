@@ -1,10 +1,11 @@
 """Conversion in every mode, batched LiteRT evaluation, and the subprocess benchmark."""
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 
 from pipeline.sources import models
 from pipeline.runtime.benchmark import gzip_size, measure, weight_stats
-from pipeline.runtime.evaluate import evaluate_tflite, make_interpreter
+from pipeline.runtime.evaluate import evaluate_tflite
 from pipeline.runtime.litert import TFLiteRunner
 from pipeline.runtime.quantize import convert
 
@@ -27,10 +28,10 @@ def test_every_mode_converts_with_expected_sizes_and_types(converted):
     assert sizes["float32"] / sizes["dynamic"] >= 3.5
     assert 1.8 <= sizes["float32"] / sizes["float16"] <= 2.1
     assert sizes["float32"] / sizes["int8"] >= 3.5
-    int8 = make_interpreter(str(paths["int8"]))
+    int8 = Interpreter(model_path=str(paths["int8"]))
     assert int8.get_input_details()[0]["dtype"] == np.int8
     assert int8.get_output_details()[0]["dtype"] == np.int8
-    int16 = make_interpreter(str(paths["int16x8"]))
+    int16 = Interpreter(model_path=str(paths["int16x8"]))
     assert any(d["dtype"] == np.int16 for d in int16.get_tensor_details())
 
 
@@ -53,6 +54,25 @@ def test_tflite_accuracy_agrees_with_keras(converted, small_dataset):
         assert evaluation.keras_agreement >= (0.999 if mode == "float32" else 0.95), mode
         assert abs(evaluation.accuracy - keras_accuracy) <= (0.001 if mode == "float32" else 0.03)
         assert set(evaluation.per_class_accuracy) == set(small_dataset.class_names)
+        assert evaluation.runtime["runtime"] == "compiled", evaluation.runtime
+
+
+def test_the_compiled_model_and_the_interpreter_agree(converted, small_dataset):
+    """Evaluation, benchmark and serving run on the CompiledModel; the interpreter is the
+    fallback. Both must give the same scores, for every mode they both run."""
+    _, paths = converted
+    x = small_dataset.x_test[:50]
+    for mode, path in paths.items():
+        compiled = TFLiteRunner(path, max_batch=16)
+        interpreter = TFLiteRunner(path, max_batch=16, runtime="interpreter")
+        assert interpreter.runtime == "interpreter"
+        if compiled.runtime == "compiled":
+            np.testing.assert_allclose(compiled.scores(x), interpreter.scores(x), atol=1e-3,
+                                       err_msg=mode)
+        else:  # a fallback says why
+            assert compiled.fallback_reason, mode
+    assert TFLiteRunner(paths["float32"]).runtime == "compiled"
+    assert TFLiteRunner(paths["int8"]).runtime == "compiled"
 
 
 def test_benchmark_measures_in_a_subprocess(converted):

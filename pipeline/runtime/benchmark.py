@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.runtime.litert import RUNTIMES
+
 KERNEL_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
-RUNTIMES = ("compiled", "interpreter")
 
 
 @dataclass
@@ -58,8 +59,8 @@ def gzip_size(path: str | Path) -> int:
 def weight_stats(model_path: str | Path) -> dict[str, float]:
     """Share of zero weights and the most distinct values in one kernel, read from the .tflite's
     conv/dense kernels (after any dequantize op), so the figures describe what ships."""
-    from pipeline.runtime.evaluate import make_interpreter
-    interpreter = make_interpreter(str(model_path))
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_path=str(model_path))
     ops = interpreter._get_ops_details()  # noqa: SLF001 (the only way to walk the graph)
     producers = {out: op for op in ops for out in op["outputs"]}
     zeros = total = unique_max = 0
@@ -134,16 +135,20 @@ def rss_kib(field: str) -> int:
 
 def _child(model_path: str, runs: int, warmup: int, num_threads: int,
            runtime: str = "compiled", weight_cache: str = "") -> dict:
+    from pipeline.runtime.litert import compiled_environment, input_signature, open_for_benchmark
     rng = np.random.default_rng(0)
     # The runtime's import and set-up happen before the baseline: a once-per-process cost.
-    open_model = _open_compiled(weight_cache) if runtime == "compiled" else _open_interpreter()
+    if runtime == "compiled":
+        compiled_environment()
+    shape, dtype = input_signature(model_path)
     try:  # reset the peak-RSS mark so only what follows counts (Linux >= 4.0)
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
     except OSError:
         pass
     baseline_kib = rss_kib("VmRSS")
-    shape, dtype, set_input, invoke = open_model(model_path, num_threads)
+    set_input, invoke = open_for_benchmark(model_path, shape, runtime, num_threads,
+                                           weight_cache or None)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         sample = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
@@ -162,47 +167,6 @@ def _child(model_path: str, runs: int, warmup: int, num_threads: int,
     return {"latency_ms_p50": float(np.percentile(timings, 50)),
             "latency_ms_p90": float(np.percentile(timings, 90)),
             "peak_memory_mb": max(0, peak_kib - baseline_kib) / 1024.0}
-
-
-def _open_interpreter():
-    """An opener for the classic interpreter: model -> (batch-1 input shape, dtype, set_input,
-    invoke)."""
-    from pipeline.runtime.litert import open_interpreter
-
-    def open_model(model_path: str, num_threads: int):
-        interpreter, _ = open_interpreter(model_path, num_threads)
-        detail = interpreter.get_input_details()[0]
-        shape = [1] + list(detail["shape"][1:])
-        if list(detail["shape"]) != shape:
-            interpreter.resize_tensor_input(detail["index"], shape, strict=False)
-            interpreter.allocate_tensors()
-        return (shape, np.dtype(detail["dtype"]),
-                lambda x: interpreter.set_tensor(detail["index"], x), interpreter.invoke)
-    return open_model
-
-
-def _open_compiled(weight_cache: str):
-    """An opener for LiteRT's CompiledModel on XNNPACK with its weight cache at `weight_cache` (a
-    file: built on first use, memory-mapped after). The runtime environment (accelerator
-    registry, shared libraries) is set up here, like the interpreter's module import."""
-    from ai_edge_litert import compiled_model as litert
-    from ai_edge_litert.environment import Environment
-    environment = Environment.create()
-
-    def open_model(model_path: str, num_threads: int):
-        options = litert.Options(cpu_options=litert.CpuOptions(
-            num_threads=num_threads, xnnpack_weight_cache_path=weight_cache))
-        model = litert.CompiledModel.from_file(model_path, options=options, environment=environment)
-        signature = next(iter(model.get_signature_list()))
-        detail = next(iter(model.get_input_tensor_details(signature).values()))
-        inputs, outputs = model.create_input_buffers(0), model.create_output_buffers(0)
-        shape = [1] + list(detail["shape"][1:])
-        if list(detail["shape"]) != shape:
-            model.resize_input_tensor(0, shape, strict=False)
-            inputs, outputs = model.create_input_buffers(0), model.create_output_buffers(0)
-        return (shape, np.dtype(detail["dtype"]), inputs[0].write,
-                lambda: model.run_by_index(0, inputs, outputs))
-    return open_model
 
 
 def main(argv=None) -> int:

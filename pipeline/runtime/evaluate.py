@@ -1,15 +1,11 @@
-"""Accuracy of a .tflite model through the LiteRT interpreter, batched, over the whole test set
-(`pipeline.runtime.litert.TFLiteRunner`: one resize of the input tensor, not one image per invoke)."""
+"""Accuracy of a .tflite model over the whole test set, batched, on the runtime the benchmark
+measures and the served model runs (`pipeline.runtime.litert.TFLiteRunner`: LiteRT's CompiledModel
+on XNNPACK, one resize of the input tensor, not one image per invoke)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
-
-def make_interpreter(model_path: str, num_threads: int | None = None):
-    from ai_edge_litert.interpreter import Interpreter
-    return Interpreter(model_path=str(model_path), num_threads=num_threads)
 
 
 @dataclass
@@ -19,6 +15,8 @@ class Evaluation:
     keras_agreement: float | None
     test_images: int
     input_dtype: str
+    # Which LiteRT runtime and kernels ran it (pipeline.runtime.litert.TFLiteRunner.describe()).
+    runtime: dict = field(default_factory=dict)
     confusion: list[list[int]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -44,5 +42,6 @@ def evaluate_tflite(model_path: str, x_test: np.ndarray, y_test: np.ndarray, cla
         keras_agreement=agreement,
         test_images=int(len(y_test)),
         input_dtype=runner.input_dtype,
+        runtime=runner.describe(),
         confusion=confusion_matrix(y_test, predicted, labels=labels).tolist(),
     )

@@ -1,53 +1,113 @@
-"""Batched inference of a .tflite classifier through the LiteRT interpreter.
+"""Running a .tflite classifier on LiteRT: the one runtime the pipeline evaluates, benchmarks and
+serves with.
 
-Shared by the evaluation stage and the served pyfunc model, so it imports only numpy, pandas and
-ai_edge_litert (no TensorFlow). The input tensor is resized once per batch size (not one image per
-invoke); int8/int16 inputs are quantized with the model's own scale and zero point and outputs
-dequantized, so callers pass and get floats.
+The runtime is LiteRT's CompiledModel on the XNNPACK CPU accelerator (`runtime="compiled"`), the
+API LiteRT recommends for apps. A model it refuses (e.g. int16 inputs, which its Python tensor
+buffers cannot be written with) runs on the classic `Interpreter` instead (`runtime="interpreter"`),
+and one whose weights XNNPACK cannot prepare (sparse tensors) on the interpreter's built-in
+kernels. Every `Runner` says which one runs it (`runtime`, `kernels`, `fallback_reason`), so the
+evaluation, the benchmark and the served model record it.
+
+Imports only numpy, pandas and ai_edge_litert (no TensorFlow). The input tensor is resized once
+per batch size (not one image per invoke); int8/int16 inputs are quantized with the model's own
+scale and zero point and outputs dequantized, so callers pass and get floats.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineInputError
 
-# Images per interpreter call: bounds the memory of one large request.
+# Images per call: bounds the memory of one large request.
 MAX_BATCH = 256
+RUNTIMES = ("compiled", "interpreter")
 
 
-def open_interpreter(tflite_path: str | Path, num_threads: int | None = 1):
-    """(LiteRT interpreter with its tensors allocated, which kernels run it). XNNPACK first (the
-    default delegate); a model it refuses to prepare, e.g. with sparse weights, runs on the
-    built-in kernels instead."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+@functools.lru_cache(maxsize=1)
+def compiled_environment():
+    """LiteRT's runtime environment (accelerator registry, shared libraries): once per process."""
+    from ai_edge_litert.environment import Environment
+    return Environment.create()
 
-    interpreter = Interpreter(model_path=str(tflite_path), num_threads=num_threads)
-    try:
-        interpreter.allocate_tensors()
-        return interpreter, "xnnpack"
-    except RuntimeError as error:
-        if "failed to prepare" not in str(error) and "delegate" not in str(error).lower():
-            raise
-    interpreter = Interpreter(
-        model_path=str(tflite_path), num_threads=num_threads,
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter.allocate_tensors()
-    return interpreter, "builtin"
+
+class _Compiled:
+    """A CompiledModel on XNNPACK: resize(batch), run(array) -> raw output array."""
+
+    def __init__(self, path: str, num_threads: int | None, weight_cache: str | None):
+        from ai_edge_litert import compiled_model as litert
+        cpu = litert.CpuOptions(num_threads=num_threads or 0,
+                                **({"xnnpack_weight_cache_path": weight_cache} if weight_cache else {}))
+        self._model = litert.CompiledModel.from_file(
+            path, options=litert.Options(cpu_options=cpu), environment=compiled_environment())
+        signature = next(iter(self._model.get_signature_list()))
+        self._output = next(iter(self._model.get_output_tensor_details(signature).values()))
+        self.fully_accelerated = bool(self._model.is_fully_accelerated())
+        self._inputs = self._outputs = None
+
+    def resize(self, shape: list[int]) -> None:
+        self._model.resize_input_tensor(0, shape, strict=False)
+        self._inputs = self._model.create_input_buffers(0)
+        self._outputs = self._model.create_output_buffers(0)
+
+    def run(self, batch: np.ndarray, output_shape: tuple[int, ...], output_dtype) -> np.ndarray:
+        assert self._inputs is not None and self._outputs is not None, "resize() first"
+        self._inputs[0].write(np.ascontiguousarray(batch))
+        self._model.run_by_index(0, self._inputs, self._outputs)
+        count = int(np.prod(output_shape))
+        return np.asarray(self._outputs[0].read(count, output_dtype)).reshape(output_shape)
+
+
+class _Interpreted:
+    """The classic interpreter: XNNPACK first (the default delegate); a model XNNPACK refuses to
+    prepare (e.g. sparse weights) runs on the built-in kernels."""
+
+    def __init__(self, path: str, num_threads: int | None):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        self.kernels = "xnnpack"
+        self._interpreter = Interpreter(model_path=path, num_threads=num_threads)
+        try:
+            self._interpreter.allocate_tensors()
+        except RuntimeError as error:
+            if "failed to prepare" not in str(error) and "delegate" not in str(error).lower():
+                raise
+            self.kernels = "builtin"
+            self._interpreter = Interpreter(
+                model_path=path, num_threads=num_threads,
+                experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+
+    def resize(self, shape: list[int]) -> None:
+        self._interpreter.resize_tensor_input(self._input, shape, strict=False)
+        self._interpreter.allocate_tensors()
+
+    def run(self, batch: np.ndarray, output_shape: tuple[int, ...], output_dtype) -> np.ndarray:
+        self._interpreter.set_tensor(self._input, batch)
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output).copy()
 
 
 class TFLiteRunner:
-    """Batched inference through the LiteRT interpreter with float inputs and outputs."""
+    """Batched inference of a one-input, one-output .tflite model with float inputs and outputs,
+    on the CompiledModel (or the interpreter where the CompiledModel refuses the model)."""
 
     def __init__(self, tflite_path: str | Path, num_threads: int | None = 1,
-                 max_batch: int = MAX_BATCH):
-        self._interpreter, self.kernels = open_interpreter(tflite_path, num_threads)
-        inputs = self._interpreter.get_input_details()
-        outputs = self._interpreter.get_output_details()
+                 max_batch: int = MAX_BATCH, runtime: str = "compiled",
+                 weight_cache: str | None = None):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
+        path = str(tflite_path)
+        # The tensors' shapes, types and quantization, read without allocating anything.
+        from ai_edge_litert.interpreter import Interpreter
+        details = Interpreter(model_path=path)
+        inputs, outputs = details.get_input_details(), details.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise PipelineInputError(f"{Path(tflite_path).name} has {len(inputs)} inputs and "
                                      f"{len(outputs)} outputs: a classifier has one of each")
@@ -56,9 +116,32 @@ class TFLiteRunner:
         self.input_dtype = np.dtype(self._input["dtype"]).name
         self.feature_count = int(np.prod(self.image_shape))
         self.output_shape = tuple(int(d) for d in self._output["shape"][1:])
-        self._batch = None
+        self.fallback_reason: str | None = None
+        self.fully_accelerated: bool | None = None
+        self._backend: _Compiled | _Interpreted
+        if runtime == "compiled":
+            try:
+                self._backend = _Compiled(path, num_threads, weight_cache)
+                self._backend.resize([1, *self.image_shape])
+                self.fully_accelerated = self._backend.fully_accelerated
+                self._backend.run(np.zeros((1, *self.image_shape), self._input["dtype"]),
+                                  (1, *self.output_shape), self._output["dtype"])
+            except Exception as error:  # the CompiledModel refused it: the interpreter runs it
+                runtime, self.fallback_reason = "interpreter", _first_line(error)
+        if runtime == "interpreter":
+            self._backend = _Interpreted(path, num_threads)
+        self.runtime = runtime
+        # Which kernels run the model: XNNPACK (all or part of the graph) or LiteRT's built-in ones.
+        self.kernels = (self._backend.kernels if isinstance(self._backend, _Interpreted) else
+                        "xnnpack" if self.fully_accelerated else "xnnpack+builtin")
+        self._batch: int | None = 1 if runtime == "compiled" else None
         self.max_batch = max_batch
-        self._lock = threading.Lock()  # one interpreter, possibly many server threads
+        self._lock = threading.Lock()  # one model, possibly many server threads
+
+    def describe(self) -> dict[str, Any]:
+        """Which runtime and kernels run this model (for tags and logs)."""
+        return {"runtime": self.runtime, "kernels": self.kernels,
+                "runtime_fallback_reason": self.fallback_reason}
 
     def predict_classes(self, images: np.ndarray) -> np.ndarray:
         return self.scores(images).argmax(axis=-1)
@@ -85,25 +168,18 @@ class TFLiteRunner:
         quantized = self._quantize(images)
         results = []
         with self._lock:
-            self._resize(chunk)
+            if self._batch != chunk:
+                self._backend.resize([chunk, *self.image_shape])
+                self._batch = chunk
             for start in range(0, count, chunk):
                 batch = quantized[start:start + chunk]
                 if len(batch) < chunk:  # pad the last chunk instead of resizing again
                     padding = np.zeros((chunk - len(batch), *batch.shape[1:]), batch.dtype)
                     batch = np.concatenate([batch, padding])
-                self._interpreter.set_tensor(self._input["index"], batch)
-                self._interpreter.invoke()
-                output = self._interpreter.get_tensor(self._output["index"])
-                results.append(output[:count - start].copy())
-        raw = np.concatenate(results) if results else np.zeros((0, *self._output["shape"][1:]))
+                output = self._backend.run(batch, (chunk, *self.output_shape), self._output["dtype"])
+                results.append(output[:count - start])
+        raw = np.concatenate(results) if results else np.zeros((0, *self.output_shape))
         return self._dequantize(raw)
-
-    def _resize(self, batch: int) -> None:
-        if self._batch != batch:
-            self._interpreter.resize_tensor_input(self._input["index"], [batch, *self.image_shape],
-                                                   strict=False)
-            self._interpreter.allocate_tensors()
-            self._batch = batch
 
     def _quantize(self, x: np.ndarray) -> np.ndarray:
         dtype = self._input["dtype"]
@@ -120,3 +196,31 @@ class TFLiteRunner:
         if np.issubdtype(y.dtype, np.integer) and scale:
             return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
         return y.astype(np.float32)
+
+
+def input_signature(model_path: str) -> tuple[list[int], np.dtype]:
+    """(batch-1 input shape, input dtype) of a model, read without allocating its tensors."""
+    from ai_edge_litert.interpreter import Interpreter
+    detail = Interpreter(model_path=model_path).get_input_details()[0]
+    return [1, *(int(d) for d in detail["shape"][1:])], np.dtype(detail["dtype"])
+
+
+def open_for_benchmark(model_path: str, shape: list[int], runtime: str, num_threads: int,
+                       weight_cache: str | None) -> tuple[Callable, Callable]:
+    """(set_input(array), invoke()) for the measuring child: the same backends as `TFLiteRunner`,
+    without its batching and float conversion."""
+    backend: _Compiled | _Interpreted = (_Compiled(model_path, num_threads, weight_cache)
+                                         if runtime == "compiled" else
+                                         _Interpreted(model_path, num_threads))
+    backend.resize(shape)
+    if isinstance(backend, _Compiled):
+        model, inputs, outputs = backend._model, backend._inputs, backend._outputs  # noqa: SLF001
+        assert inputs is not None and outputs is not None
+        return inputs[0].write, lambda: model.run_by_index(0, inputs, outputs)
+    interpreter, index = backend._interpreter, backend._input  # noqa: SLF001
+    return lambda x: interpreter.set_tensor(index, x), interpreter.invoke
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]

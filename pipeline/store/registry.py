@@ -2,11 +2,11 @@
 versions, and its aliases (`champion`, `challenger`).
 
 MLflow has no TFLite flavor, so `TFLiteClassifier` is a `mlflow.pyfunc.PythonModel` running the
-file through the LiteRT interpreter. Its input is a batch of images (N, H, W, C), float32, in the
-model's own input domain (this pipeline's loaders scale pixels to [0, 1]), the shape every other
-part of the pipeline holds images in; its signature says so, and its stored serving input example
-(`serving_input_example.json`) is a ready request body. Integer
-models (int8/int16x8 inputs) get their inputs quantized and their outputs dequantized here, so
+file on LiteRT (`pipeline.runtime.litert`: the CompiledModel it was measured on). Its input is
+a batch of images (N, H, W, C), float32, in the model's own input domain (this pipeline's
+loaders scale pixels to [0, 1]), the shape every other part of the pipeline holds images in; its
+signature says so, and its stored serving input example (`serving_input_example.json`) is a ready
+request body. Integer models (int8/int16x8 inputs) get their inputs quantized and their outputs dequantized here, so
 every variant takes and returns floats. The output is a pandas DataFrame, one row per image:
 `class` (int, the argmax of the scores), `label` (str, only when class names were given), and
 `score_0` .. `score_<K-1>` (float32, the model's dequantized outputs, softmax probabilities for the
@@ -24,6 +24,7 @@ The tag `champion_decision`, written last, marks a finished registration.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import shutil
 import tempfile
 import warnings
@@ -35,11 +36,14 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineInputError
 from pipeline.runtime.litert import TFLiteRunner
 from pipeline.selection.select import OBJECTIVE_METRICS, Selection, finite_number
+
+log = logging.getLogger("pipeline.store.registry")
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -61,18 +65,18 @@ METRIC_TAGS = ("accuracy", "accuracy_delta_pts", "size_bytes", "gzip_size_bytes"
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-class TFLiteClassifier(mlflow.pyfunc.PythonModel):
+class TFLiteClassifier(PythonModel):
     """A pyfunc classifier around the artifact `tflite` (see the module docstring for the I/O).
 
     `model_config={"num_threads": N}` (at logging or `mlflow.pyfunc.load_model` time) sets the
-    interpreter's threads; the default, 1, matches how the pipeline measured latency."""
+    runtime's threads; the default, 1, matches how the pipeline measured latency."""
 
     def __init__(self, class_names: list[str] | None = None):
         self.class_names = list(class_names) if class_names else None
-        self._runner = None
+        self._runner: TFLiteRunner | None = None
 
     def __getstate__(self):
-        return {"class_names": self.class_names}  # the interpreter is rebuilt by load_context
+        return {"class_names": self.class_names}  # the runtime is rebuilt by load_context
 
     def __setstate__(self, state):
         self.class_names = state["class_names"]
@@ -81,9 +85,13 @@ class TFLiteClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         num_threads = int((context.model_config or {}).get("num_threads", 1))
         self._runner = TFLiteRunner(context.artifacts["tflite"], num_threads=num_threads)
+        # The runtime the pipeline evaluated and benchmarked this model on (CompiledModel).
+        log.info("serving on LiteRT %s", self._runner.describe())
 
     # Annotated np.ndarray (MLflow infers no schema from it): the logged signature validates.
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
+        if self._runner is None:
+            raise RuntimeError("the model's context is not loaded (mlflow.pyfunc.load_model does it)")
         return self.frame(self._runner.scores(self._runner.images(model_input)))
 
     def frame(self, scores: np.ndarray) -> pd.DataFrame:
@@ -259,6 +267,8 @@ def _champion_decision(client, name, version, result, config) -> tuple[bool, str
                             finite_number(current.tags.get(metric)))
     new_acc, old_acc = (finite_number(result.get("accuracy")),
                         finite_number(current.tags.get("accuracy")))
+    if new_value is None or new_acc is None:
+        return False, f"not champion: this version has no {metric}/accuracy to compare; {label} stays champion"
     if old_value is None or old_acc is None:
         return True, f"champion: {label} has no {metric}/accuracy tags to compare against"
     accuracy_gap_pts = (new_acc - old_acc) * 100
