@@ -62,7 +62,7 @@ QUICK = {
                                "--variants", "float32", "--set", "latency_runs=5",
                                "--set", "latency_warmup=1"]},
 }
-SECTIONS = ("resnet", "cnn", "sparse", "throughput", "peer", "orchestration")
+SECTIONS = ("resnet", "cnn", "stages", "sparse", "throughput", "peer", "orchestration")
 
 
 class Bench:
@@ -76,6 +76,7 @@ class Bench:
         self.runs_dir = self.cache / "runs"  # the pipeline runs of this bench run (wiped first)
         self.reuse_run = Path(args.reuse_run).resolve() if args.reuse_run else None
         self.cnn_run: Path | None = None
+        self.cnn_pipeline_seconds: float | None = None
         self.cnn_rows: dict[str, dict] = {}
         self.cnn_champion: str | None = None
         self.pipeline_failures: dict[str, str] = {}  # pipeline run name -> how it ended
@@ -350,6 +351,7 @@ def section_cnn(bench: Bench) -> dict:
     selected = common.read_json(run_dir / "select.json") or {}
     bench.cnn_champion = (selected.get("selection") or {}).get("champion")
     bench.cnn_run = run_dir
+    bench.cnn_pipeline_seconds = pipeline_seconds
     dataset = Dataset.load(run_dir / "dataset.npz")
     rows, _ = variant_rows(variant_paths(run_dir, variants), dataset, rounds=s["rounds"],
                            runs=s["runs"], warmup=s["warmup"], section="cnn")
@@ -486,6 +488,68 @@ def _cnn_run(bench: Bench) -> Path:
     if bench.cnn_run is None:
         raise RuntimeError("needs the default CNN's run (section cnn) first")
     return bench.cnn_run
+
+
+# ------------------------------------------------------------------------ stage times
+# The default run's per-stage wall times before this work, as measured for issue #14 on a quiet
+# 2-core machine (fresh clone, 16 default variants, full Fashion-MNIST): the reference row.
+STAGES_BEFORE = {"train": 248.0, "optimize": 528.0, "per-variant": 182.0, "pipeline": 972.0}
+STAGES_GOAL_SECONDS = 600.0  # the default pipeline in at most 10 minutes
+
+
+def section_stages(bench: Bench) -> dict:
+    """Where the default run's time goes, stage by stage, read from the wall times every stage
+    records in MLflow (`stage_seconds_*` on the parent run and on each variant's child run)."""
+    from pipeline.store import tracking
+    run_dir = _cnn_run(bench)
+    context = json.loads((run_dir / "context.json").read_text())
+    parent = tracking.client().get_run(context["parent_run_id"]).data.metrics
+    children = [run.data.metrics for run in tracking.child_runs(context["parent_run_id"])]
+    optimize = {k.removeprefix("stage_seconds_optimize_"): v for k, v in parent.items()
+                if k.startswith("stage_seconds_optimize_")}
+    per_stage = {stage: sum(c.get(f"stage_seconds_{stage}", 0.0) for c in children)
+                 for stage in ("quantize", "evaluate", "benchmark")}
+    measured = {"train": parent.get("stage_seconds_train"), "optimize": sum(optimize.values()),
+                "per-variant": sum(per_stage.values())}
+    pipeline_seconds = (bench.cnn_pipeline_seconds
+                        or (sum(v for v in measured.values() if v) if measured["train"] else None))
+    measured["pipeline"] = pipeline_seconds
+    rows = []
+    for stage, what in (("train", "train: data, the baseline CNN, the float32 reference"),
+                        ("optimize", f"optimize: {len(optimize)} recipes"),
+                        ("per-variant", f"quantize + evaluate + benchmark of {len(children)} variants"),
+                        ("pipeline", "the whole pipeline")):
+        now = measured.get(stage)
+        rows.append({"stage": what, "before_s": STAGES_BEFORE[stage], "now_s": now,
+                     "ratio": STAGES_BEFORE[stage] / now if now else None})
+    for stage, seconds in per_stage.items():
+        rows.append({"stage": f"  of which {stage}", "before_s": None, "now_s": seconds,
+                     "ratio": None})
+    for recipe, seconds in sorted(optimize.items(), key=lambda item: -item[1]):
+        rows.append({"stage": f"  optimize {recipe}", "before_s": None, "now_s": seconds,
+                     "ratio": None})
+    full_default = not bench.quick and bench.settings["cnn"]["variants"] is None
+    notes = [
+        "Now: this bench's default CNN run (section 2), each stage's wall time as it recorded "
+        "it in MLflow (`stage_seconds_*` metrics), the stages one after another as `make run` "
+        "and `python -m pipeline run` run them. Before: the same measurement for issue #14 "
+        "(16 default variants then, " f"{len(children)} now), so the per-variant row is not like "
+        "for like.",
+    ]
+    if not full_default:
+        notes.append("Quick mode: a reduced budget, so the goal is not judged.")
+    return {
+        "title": "Time per stage of the default run, before and after",
+        "notes": notes,
+        "goals": [goal("default pipeline wall time", f"<= {STAGES_GOAL_SECONDS / 60:.0f} min",
+                       f"{pipeline_seconds / 60:.1f} min" if pipeline_seconds else None,
+                       (pipeline_seconds <= STAGES_GOAL_SECONDS) if full_default and pipeline_seconds
+                       else None)],
+        "tables": [{"id": "stages", "title": "Seconds per stage",
+                    "columns": columns([("stage", "stage", "text"), ("before_s", "before (s)", "s"),
+                                        ("now_s", "now (s)", "s"), ("ratio", "before / now", "x")]),
+                    "rows": rows}],
+    }
 
 
 # -------------------------------------------------------------------- sparse storage
@@ -772,7 +836,8 @@ def main(argv=None) -> int:
     }
     progress("bench", f"{results['mode']} mode on {results['machine']['cpu_model']}, "
                       f"{results['machine']['cores']} cores, load {results['load_average_start']}")
-    functions = {"resnet": section_resnet, "cnn": section_cnn, "sparse": section_sparse,
+    functions = {"resnet": section_resnet, "cnn": section_cnn, "stages": section_stages,
+                 "sparse": section_sparse,
                  "throughput": section_throughput,
                  "peer": section_peer, "orchestration": section_orchestration}
     for name in SECTIONS:

@@ -101,11 +101,12 @@ def run_stages(config_values: dict, pipeline_run_id: str, launcher: str = "cli")
     process. A failed optimization or variant is recorded and the others go on; an error that
     stops the run closes its MLflow parent run as FAILED, then propagates."""
     from pipeline import stages
-    from pipeline.store import tracking
     from pipeline.config import PipelineConfig
+    from pipeline.contract import RunContext
+    from pipeline.store import tracking
     try:
-        ctx = stages.train(config_values, pipeline_run_id, {"launcher": launcher})
-        config = stages.config_of(ctx)
+        ctx = RunContext.of(stages.train(config_values, pipeline_run_id, {"launcher": launcher}))
+        config = ctx.config
         for recipe in stages.recipes(config.variants):
             try:
                 stages.optimize(ctx, recipe)
@@ -127,10 +128,10 @@ def run_stages(config_values: dict, pipeline_run_id: str, launcher: str = "cli")
         except Exception as tracking_error:  # the original error matters more
             log.error("could not close the MLflow run: %s", tracking_error)
         raise
-    return Results(pipeline_run_id=pipeline_run_id, parent_run_id=ctx["parent_run_id"],
-                   experiment=ctx["experiment"], variants=stages.results_of(ctx),
+    return Results(pipeline_run_id=pipeline_run_id, parent_run_id=ctx.parent_run_id,
+                   experiment=ctx.experiment, variants=stages.results_of(ctx),
                    selection=selected["selection"], registered=outcome,
-                   summary_markdown=selected["summary_markdown"], context=ctx)
+                   summary_markdown=selected["summary_markdown"], context=ctx.to_dict())
 
 
 def _as_model_path(model: Any, staging: Path) -> str | None:

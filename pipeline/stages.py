@@ -1,8 +1,8 @@
 """The pipeline's stages as plain functions of small JSON in, small JSON out.
 
 Airflow tasks (dags/) and the command line (`python -m pipeline run`) call the same functions.
-A stage receives the run context `ctx` that `train` creates (ids, the config as a dict, the URIs
-of the run's files) and returns JSON-able dicts. Files travel between stages through the run's
+A stage receives the run context that `train` creates (`pipeline.contract.RunContext`: ids, the
+settings, the URIs of the run's files; as the object or its JSON) and returns JSON-able dicts. Files travel between stages through the run's
 artifact store (`pipeline.store.artifacts`: URIs in, a local cached copy out), never as a path on the
 disk of the worker that wrote them: each stage may run on another machine. A stage's own files
 go to this machine's scratch folder, `local_run_dir(pipeline_run_id)`.
@@ -10,17 +10,18 @@ go to this machine's scratch folder, `local_run_dir(pipeline_run_id)`.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
+import time
 import traceback
 import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.store import artifacts, tracking
-from pipeline.files import save_array, write_bytes, write_json, write_text
 from pipeline.config import PipelineConfig, work_dir
+from pipeline.contract import Reference, RunContext, VariantResult
+from pipeline.files import atomic_path, save_array, write_bytes, write_json, write_text
+from pipeline.store import artifacts, tracking
 from pipeline.errors import PipelineInputError
 from pipeline.variants import parse_variant, parse_variants
 
@@ -33,14 +34,11 @@ OPTIMIZED_FOLDER = f"{artifacts.EXCHANGE}/optimized"
 
 class VariantFailed(RuntimeError):
     """One variant could not be produced or measured; the others go on."""
+    failed_step: str | None = None  # the step of a combination at fault, when known
 
 
 class VariantSkipped(RuntimeError):
     """The variant cannot apply to this model (the reason says why): recorded as `skipped`."""
-
-
-def config_of(ctx: dict) -> PipelineConfig:
-    return PipelineConfig.from_mapping(ctx["config"], use_env=False)
 
 
 def local_run_dir(pipeline_run_id: str) -> Path:
@@ -69,13 +67,15 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
     from pipeline.sources.inputs import fetch_input
     from pipeline.runtime.quantize import convert
 
+    started = time.perf_counter()
     config = PipelineConfig.from_mapping(config_values)
     run_dir = local_run_dir(pipeline_run_id)
     inputs = run_dir / "input"
     shutil.rmtree(inputs, ignore_errors=True)  # a retry fetches the inputs afresh
 
     input_shape = num_classes = None
-    kind = user_model = model_file = None
+    kind: str = "tf_keras"
+    user_model = model_file = None
     if config.model_path:
         model_file = fetch_input(config.model_path, inputs / "model", "model")
         kind = models.model_kind(model_file)
@@ -107,9 +107,8 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
                 "objective": config.objective},
         tags={k: v for k, v in (tags or {}).items() if v})
 
-    if user_model is None:
+    if user_model is None or model_file is None:
         model, base_model_uri = _train_or_reuse(dataset, config, run_dir, parent_run_id)
-        kind = "tf_keras"
     else:
         model, base_model_uri = user_model, artifacts.store(parent_run_id, model_file,
                                                             BASELINE_FOLDER)
@@ -121,7 +120,7 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
     predictions_path = run_dir / "keras_predictions" / "baseline.npy"
     save_array(predictions_path, keras_predictions)
     reference_path = run_dir / "reference" / "float32.tflite"
-    if kind == "tflite":  # the user's float32 LiteRT model is its own reference
+    if kind == "tflite" and model_file is not None:  # a float32 .tflite is its own reference
         write_bytes(reference_path, Path(model_file).read_bytes())
     else:
         source = {"saved_model_dir": str(model_file)} if kind == "saved_model" else {"model": model}
@@ -131,25 +130,23 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
     keras_accuracy = float(np.mean(keras_predictions == dataset.y_test))
     tracking.log_metrics(parent_run_id, {
         "keras_accuracy": keras_accuracy, "reference_accuracy": reference.accuracy,
-        "reference_size_bytes": reference_path.stat().st_size})
+        "reference_size_bytes": reference_path.stat().st_size,
+        "stage_seconds_train": time.perf_counter() - started})
     log.info("baseline: Keras accuracy %.4f, float32 TFLite accuracy %.4f, %d bytes",
              keras_accuracy, reference.accuracy, reference_path.stat().st_size)
     _check_baseline(reference.accuracy, dataset.num_classes, config)
-    ctx = {
-        "pipeline_run_id": pipeline_run_id,
-        "parent_run_id": parent_run_id, "experiment": config.experiment,
-        "config": config.to_dict(), "num_classes": dataset.num_classes,
-        "dataset_uri": artifacts.store(parent_run_id, dataset_path, TRAIN_FOLDER),
-        "base_model_uri": base_model_uri, "base_model_kind": kind,
-        # The tf_keras model the training-time techniques start from (a Keras 3 model's
-        # translation), or why they cannot apply to this model.
-        "technique_base_uri": technique_base_uri, "techniques_unavailable": techniques_unavailable,
-        "reference": {"tflite_uri": artifacts.store(parent_run_id, reference_path, TRAIN_FOLDER),
-                      "accuracy": reference.accuracy,
-                      "size_bytes": reference_path.stat().st_size,
-                      "keras_accuracy": keras_accuracy},
-        "keras_predictions": {"": artifacts.store(parent_run_id, predictions_path, TRAIN_FOLDER)},
-    }
+    context = RunContext(
+        pipeline_run_id=pipeline_run_id, parent_run_id=parent_run_id,
+        experiment=config.experiment, config=config, num_classes=dataset.num_classes,
+        dataset_uri=artifacts.store(parent_run_id, dataset_path, TRAIN_FOLDER),
+        base_model_uri=base_model_uri, base_model_kind=kind,
+        technique_base_uri=technique_base_uri, techniques_unavailable=techniques_unavailable,
+        reference=Reference(
+            tflite_uri=artifacts.store(parent_run_id, reference_path, TRAIN_FOLDER),
+            accuracy=reference.accuracy, size_bytes=reference_path.stat().st_size,
+            keras_accuracy=keras_accuracy),
+        baseline_predictions_uri=artifacts.store(parent_run_id, predictions_path, TRAIN_FOLDER))
+    ctx = context.to_dict()
     write_json(run_dir / "context.json", ctx)  # for people and benchmarks on this machine
     return ctx
 
@@ -207,14 +204,13 @@ def _train_or_reuse(dataset, config: PipelineConfig, run_dir: Path, parent_run_i
         return tf_keras().models.load_model(str(artifacts.fetch(uri)), compile=False), uri
     model = train_baseline(dataset, config)
     path = run_dir / "baseline.keras"
-    tmp = run_dir / "baseline.tmp.keras"
-    model.save(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save(str(tmp))
     return model, artifacts.store(parent_run_id, path, BASELINE_FOLDER)
 
 
 # ------------------------------------------------------------------------------------ optimize
-def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
+def optimize(ctx: RunContext | dict, recipe: str) -> dict[str, Any]:
     """Train the optimized Keras model for `recipe` (e.g. 'prune+cluster') once per run.
 
     A collaborative recipe continues from its prefix's model ('prune+cluster' from 'prune'),
@@ -225,34 +221,36 @@ def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
     from pipeline.sources.data import Dataset
     from pipeline.techniques import TechniqueError, apply_recipe, parse_recipe
 
-    parent = ctx["parent_run_id"]
+    run = RunContext.of(ctx)
+    parent = run.parent_run_id
     record = _recipe_record(recipe)
     done = artifacts.load_json(parent, record)
     if done is not None and "error" not in done:
         return done
-    if ctx.get("techniques_unavailable"):  # its variants are skipped with this reason
-        skipped = {"recipe": recipe, "skipped": ctx["techniques_unavailable"]}
+    if run.techniques_unavailable or not run.technique_base_uri:  # its variants are skipped
+        skipped = {"recipe": recipe, "skipped": run.techniques_unavailable
+                   or "no Keras model for the training-time techniques"}
         artifacts.store_json(parent, skipped, record)
         return skipped
-    config = config_of(ctx)
-    out_dir = local_run_dir(ctx["pipeline_run_id"]) / "optimized" / _safe(recipe)
+    out_dir = local_run_dir(run.pipeline_run_id) / "optimized" / _safe(recipe)
     try:
         techniques = parse_recipe(recipe)
         start = None
         if len(techniques) > 1:
             prefix = "+".join(techniques[:-1])
             try:
-                start = (prefix, str(artifacts.fetch(optimize(ctx, prefix)["model_uri"])))
+                start = (prefix, str(artifacts.fetch(optimize(run, prefix)["model_uri"])))
             except Exception as error:
                 if getattr(error, "failed_step", None):  # it already names the step at fault
                     raise
                 # Keep the kind: a TechniqueError is not worth a retry.
                 kind = TechniqueError if isinstance(error, TechniqueError) else VariantFailed
                 failed = kind(f"its first step {prefix!r} failed: {one_line(error)}")
-                failed.failed_step = prefix
+                setattr(failed, "failed_step", prefix)
                 raise failed from error
-        result = apply_recipe(recipe, str(artifacts.fetch(ctx["technique_base_uri"])),
-                              Dataset.load(artifacts.fetch(ctx["dataset_uri"])), config,
+        started = time.perf_counter()  # this recipe's own training (a prefix times itself)
+        result = apply_recipe(recipe, str(artifacts.fetch(run.technique_base_uri)),
+                              Dataset.load(artifacts.fetch(run.dataset_uri)), run.config,
                               str(out_dir), start=start)
     except Exception as error:
         artifacts.store_json(parent, {"recipe": recipe, "error": one_line(error)}, record)
@@ -263,6 +261,7 @@ def optimize(ctx: dict, recipe: str) -> dict[str, Any]:
     result["keras_predictions_uri"] = artifacts.store(
         parent, result.pop("keras_predictions_path"), folder)
     artifacts.store_json(parent, result, record)
+    tracking.log_metrics(parent, {_stage_metric("optimize", recipe): time.perf_counter() - started})
     return result
 
 
@@ -270,26 +269,33 @@ def _recipe_record(recipe: str) -> str:
     return f"{OPTIMIZED_FOLDER}/{_safe(recipe)}.json"
 
 
+def _stage_metric(stage: str, recipe: str = "") -> str:
+    """The metric with a stage's wall time, e.g. stage_seconds_optimize_prune_cluster."""
+    return "_".join(["stage_seconds", stage, *re.split(r"[^A-Za-z0-9]+", recipe)]).rstrip("_")
+
+
 # ------------------------------------------------------------------------- per-variant stages
-def quantize(ctx: dict, variant_name: str) -> dict[str, Any]:
+def quantize(ctx: RunContext | dict, variant_name: str) -> VariantResult:
     """Convert the variant's source model; creates the variant's child run and stores the
     .tflite as its artifact `model/model.tflite`. The converter makes float32, dynamic, float16,
     int8 and int16x8 from a Keras model or SavedModel; LiteRT Quantizer makes int4 and mixed from
     the float32 .tflite, and every mode from a bare .tflite input."""
+    started = time.perf_counter()
+    run = RunContext.of(ctx)
     variant = parse_variant(variant_name)
-    run_id = tracking.child_run(ctx["parent_run_id"], variant.tags())
+    run_id = tracking.child_run(run.parent_run_id, variant.tags())
     with _variant_failure(run_id, variant.name):
         from pipeline.sources.data import Dataset
         from pipeline.runtime.quantize import convert
         from pipeline.variants import CONVERTER_MODES
-        config = config_of(ctx)
+        config = run.config
         mode = variant.quantization
-        source, recipe_info = _conversion_source(ctx, variant.recipe)
+        source, recipe_info = _conversion_source(run, variant.recipe)
         dataset = calibration = None
         if mode in ("int8", "int16x8", "int4", "mixed"):
-            dataset = Dataset.load(artifacts.fetch(ctx["dataset_uri"]))
+            dataset = Dataset.load(artifacts.fetch(run.dataset_uri))
             calibration = dataset.calibration_batches(config.calibration_samples, config.seed)
-        out = (local_run_dir(ctx["pipeline_run_id"]) / "variants" / _safe(variant.name)
+        out = (local_run_dir(run.pipeline_run_id) / "variants" / _safe(variant.name)
                / "model.tflite")
         float_tflite = source.get("tflite_path")
         if mode in CONVERTER_MODES and float_tflite is None:
@@ -307,9 +313,12 @@ def quantize(ctx: dict, variant_name: str) -> dict[str, Any]:
             _log_sensitivity(run_id, lq.sensitivity(Path(float_tflite), "int8", calibration))
         tflite_uri = artifacts.store(run_id, out, "model")
         tracking.set_tags(run_id, {"recipe": variant.recipe})
-        return {"variant": variant.name, "child_run_id": run_id, "tflite_uri": tflite_uri,
-                "keras_predictions_uri": recipe_info.get("keras_predictions_uri")
-                or ctx["keras_predictions"][""], **variant.tags()}
+        tracking.log_metrics(run_id, {"stage_seconds_quantize": time.perf_counter() - started})
+        return VariantResult(
+            variant=variant.name, quantization=variant.quantization,
+            optimizations=",".join(variant.optimizations), child_run_id=run_id,
+            tflite_uri=tflite_uri, keras_predictions_uri=recipe_info.get("keras_predictions_uri")
+            or run.baseline_predictions_uri)
 
 
 def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, dataset,
@@ -352,36 +361,43 @@ def _log_sensitivity(run_id: str, table: list[dict], placement: dict | None = No
     tracking.log_text(run_id, sensitivity_markdown(table, placement), "sensitivity.md")
 
 
-def evaluate(ctx: dict, quantized: dict) -> dict[str, Any]:
-    """Accuracy over the whole test set through the LiteRT interpreter."""
+def evaluate(ctx: RunContext | dict, quantized: VariantResult) -> VariantResult:
+    """Accuracy over the whole test set, on the runtime the benchmark measures."""
+    started = time.perf_counter()
+    run = RunContext.of(ctx)
     run_id = quantized["child_run_id"]
     with _variant_failure(run_id, quantized["variant"]):
         import numpy as np
 
         from pipeline.sources.data import Dataset
         from pipeline.runtime.evaluate import evaluate_tflite
-        dataset = Dataset.load(artifacts.fetch(ctx["dataset_uri"]))
+        dataset = Dataset.load(artifacts.fetch(run.dataset_uri))
         keras_predictions = np.load(artifacts.fetch(quantized["keras_predictions_uri"]))
         evaluation = evaluate_tflite(str(artifacts.fetch(quantized["tflite_uri"])), dataset.x_test,
                                      dataset.y_test, dataset.class_names, keras_predictions)
-        delta = (evaluation.accuracy - ctx["reference"]["accuracy"]) * 100.0
-        metrics = {"accuracy": evaluation.accuracy, "accuracy_delta_pts": delta,
-                   "keras_agreement": evaluation.keras_agreement}
-        tracking.log_metrics(run_id, metrics)
+        delta = (evaluation.accuracy - run.reference.accuracy) * 100.0
+        tracking.log_metrics(run_id, {"accuracy": evaluation.accuracy, "accuracy_delta_pts": delta,
+                                      "keras_agreement": evaluation.keras_agreement,
+                                      "stage_seconds_evaluate": time.perf_counter() - started})
         tracking.log_dict(run_id, evaluation.to_dict(), "evaluation.json")
-        return {**quantized, **metrics}
+        # Which runtime computed the accuracy (the benchmark records its own below).
+        tracking.set_tags(run_id, {"evaluation_runtime": evaluation.runtime.get("runtime"),
+                                   "evaluation_kernels": evaluation.runtime.get("kernels")})
+        return VariantResult(**quantized, accuracy=evaluation.accuracy, accuracy_delta_pts=delta,
+                             keras_agreement=evaluation.keras_agreement)
 
 
-def benchmark(ctx: dict, evaluated: dict) -> dict[str, Any]:
+def benchmark(ctx: RunContext | dict, evaluated: VariantResult) -> VariantResult:
     """Size, gzip size, latency and peak memory; closes the variant's child run."""
+    started = time.perf_counter()
+    run = RunContext.of(ctx)
     run_id = evaluated["child_run_id"]
     with _variant_failure(run_id, evaluated["variant"]):
         from pipeline.runtime.benchmark import measure, weight_stats
-        config = config_of(ctx)
         tflite_path = artifacts.fetch(evaluated["tflite_uri"])
-        measurement = measure(tflite_path, runs=config.latency_runs,
-                              warmup=config.latency_warmup, num_threads=1)
-        reference_bytes = ctx["reference"]["size_bytes"]
+        measurement = measure(tflite_path, runs=run.config.latency_runs,
+                              warmup=run.config.latency_warmup, num_threads=1)
+        reference_bytes = run.reference.size_bytes
         metrics = {
             "size_bytes": measurement.size_bytes,
             "gzip_size_bytes": measurement.gzip_size_bytes,
@@ -392,25 +408,26 @@ def benchmark(ctx: dict, evaluated: dict) -> dict[str, Any]:
             "peak_memory_mb": measurement.peak_memory_mb,
             **weight_stats(tflite_path),
         }
-        tracking.log_metrics(run_id, metrics)
+        tracking.log_metrics(run_id, {**metrics,
+                                      "stage_seconds_benchmark": time.perf_counter() - started})
         # Which LiteRT runtime measured it (and why not the compiled one, if it fell back).
         tracking.set_tags(run_id, {"status": "ok", "runtime": measurement.runtime,
                                    "runtime_fallback_reason": measurement.fallback_reason})
         tracking.finish_run(run_id)
-        return {**evaluated, **metrics, "status": "ok", "error": None}
+        return VariantResult(**evaluated, **metrics, status="ok", error=None)  # type: ignore[typeddict-item]
 
 
-def _conversion_source(ctx: dict, recipe: str) -> tuple[dict, dict]:
+def _conversion_source(run: RunContext, recipe: str) -> tuple[dict, dict]:
     """Keyword arguments for quantize.convert: the baseline or the recipe's optimized model."""
     if not recipe:
-        base = artifacts.fetch(ctx["base_model_uri"])
-        if ctx["base_model_kind"] == "tflite":
+        base = artifacts.fetch(run.base_model_uri)
+        if run.base_model_kind == "tflite":
             return {"tflite_path": str(base)}, {}
-        if ctx["base_model_kind"] == "saved_model":
+        if run.base_model_kind == "saved_model":
             return {"saved_model_dir": str(base)}, {}
         from pipeline.sources.models import load_model
-        return {"model": load_model(base, config_of(ctx).allow_unsafe_model)}, {}
-    info = artifacts.load_json(ctx["parent_run_id"], _recipe_record(recipe))
+        return {"model": load_model(base, run.config.allow_unsafe_model)}, {}
+    info = artifacts.load_json(run.parent_run_id, _recipe_record(recipe))
     if info is None:
         raise VariantFailed(f"optimization {recipe!r} produced no model (its task did not run)")
     if "skipped" in info:
@@ -448,12 +465,13 @@ class _variant_failure:
 
 
 # ------------------------------------------------------------------------------ select/report
-def results_of(ctx: dict) -> list[dict[str, Any]]:
+def results_of(ctx: RunContext | dict) -> list[dict[str, Any]]:
     """Every requested variant's result, read back from its MLflow child run (the source of
     truth whichever worker produced it); a variant without a finished run is reported failed."""
-    runs = {run.data.tags.get("variant"): run for run in tracking.child_runs(ctx["parent_run_id"])}
+    context = RunContext.of(ctx)
+    runs = {run.data.tags.get("variant"): run for run in tracking.child_runs(context.parent_run_id)}
     results = []
-    for name in config_of(ctx).variants:
+    for name in context.config.variants:
         variant = parse_variant(name)
         run = runs.get(variant.name)
         result: dict[str, Any] = {**variant.tags(), "child_run_id": run.info.run_id if run else None}
@@ -471,15 +489,16 @@ def results_of(ctx: dict) -> list[dict[str, Any]]:
     return results
 
 
-def select(ctx: dict) -> dict[str, Any]:
+def select(ctx: RunContext | dict) -> dict[str, Any]:
     """Gate every variant, choose the champion, write and log the report on the parent run."""
     from pipeline.selection.report import pareto_plot, summary_markdown
     from pipeline.selection.select import choose
 
-    config = config_of(ctx)
-    results = results_of(ctx)
-    selection = choose(results, config, ctx.get("num_classes"))
-    run_dir = local_run_dir(ctx["pipeline_run_id"])
+    run = RunContext.of(ctx)
+    config = run.config
+    results = results_of(run)
+    selection = choose(results, config, run.num_classes)
+    run_dir = local_run_dir(run.pipeline_run_id)
     report_dir = run_dir / "report"
     markdown = summary_markdown(results, selection) + _sensitivity_sections(results, selection)
     write_text(report_dir / "summary.md", markdown)
@@ -488,7 +507,7 @@ def select(ctx: dict) -> dict[str, Any]:
         reference = ok[0]["accuracy"] - ok[0]["accuracy_delta_pts"] / 100.0
         pareto_plot(results, selection, report_dir / "pareto.png",
                     gate_accuracy=reference - config.max_accuracy_drop_pts / 100.0)
-    parent = ctx["parent_run_id"]
+    parent = run.parent_run_id
     for name in ("summary.md", "pareto.png"):
         if (report_dir / name).exists():
             tracking.log_artifact(parent, report_dir / name, "report")
@@ -525,26 +544,26 @@ SELECTION_RECORD = "report/selection.json"
 REGISTER_RECORD = "report/register.json"
 
 
-def register(ctx: dict, selected: dict) -> dict[str, Any]:
+def register(ctx: RunContext | dict, selected: dict) -> dict[str, Any]:
     """Register the champion as a servable pyfunc model version and move aliases; close the
     parent run."""
     from pipeline.sources.inputs import FLOAT_MODEL_TAG
     from pipeline.store.registry import register_champion
     from pipeline.selection.select import Selection
 
-    config = config_of(ctx)
+    run = RunContext.of(ctx)
     selection = Selection.from_dict(selected["selection"])
-    results = {r["variant"]: r for r in results_of(ctx)}
-    outcome = register_champion(selection, results, config, parent_run_id=ctx["parent_run_id"],
-                                airflow_run_id=ctx["pipeline_run_id"],
-                                dataset_path=artifacts.fetch(ctx["dataset_uri"]),
-                                extra_tags={FLOAT_MODEL_TAG: ctx["base_model_uri"]})
-    tracking.set_tags(ctx["parent_run_id"], {
+    results = {r["variant"]: r for r in results_of(run)}
+    outcome = register_champion(selection, results, run.config, parent_run_id=run.parent_run_id,
+                                airflow_run_id=run.pipeline_run_id,
+                                dataset_path=artifacts.fetch(run.dataset_uri),
+                                extra_tags={FLOAT_MODEL_TAG: run.base_model_uri})
+    tracking.set_tags(run.parent_run_id, {
         "registered_version": outcome.get("version", "none"),
         "register_decision": outcome.get("decision") or outcome.get("reason", "")})
-    tracking.log_dict(ctx["parent_run_id"], outcome, REGISTER_RECORD)
-    tracking.finish_run(ctx["parent_run_id"])
-    write_json(local_run_dir(ctx["pipeline_run_id"]) / "register.json", outcome)
+    tracking.log_dict(run.parent_run_id, outcome, REGISTER_RECORD)
+    tracking.finish_run(run.parent_run_id)
+    write_json(local_run_dir(run.pipeline_run_id) / "register.json", outcome)
     return outcome
 
 

@@ -52,7 +52,7 @@ def test_every_section_ran_with_its_tables(quick):
         assert not section.get("error"), (name, section.get("error"))
         assert section["tables"] and section["title"]
     ids = [t["id"] for s in results["sections"].values() for t in s["tables"]]
-    assert ids == ["resnet-variants", "resnet-memory-options", "cnn-variants", "sparse",
+    assert ids == ["resnet-variants", "resnet-memory-options", "cnn-variants", "stages", "sparse",
                    "throughput", "peer", "orchestration"]
     assert results["sections"]["resnet"]["stand_in"] is True
     assert "STAND-IN" in results["sections"]["resnet"]["title"]
@@ -148,7 +148,8 @@ def test_markdown_says_what_the_json_says(quick):
     for key, section in results["sections"].items():
         assert f"## {SECTION_NUMBERS[key]}. {section['title']}" in markdown
         for g in section["goals"]:
-            assert f"| {g['goal']} | {g['target']} |" in markdown
+            assert re.search(rf"^\| +{SECTION_NUMBERS[key]} \| {re.escape(g['goal'])} +\| "
+                             rf"{re.escape(g['target'])} +\|", markdown, re.M), g
 
 
 def test_graph_limits_of_a_small_dense_model(tmp_path):
@@ -167,6 +168,24 @@ def test_graph_limits_of_a_small_dense_model(tmp_path):
     # the widest moment: the 64-float input and the 32-float hidden layer, or hidden and output
     assert graph["activation_live_peak_bytes"] == 4 * (64 + 32)
     assert limits.floors("int8", graph)["size_floor_bytes"] == model.count_params()
+
+
+def test_stage_times_come_from_the_run_and_add_up(quick):
+    """Every stage of the quick CNN run recorded its wall time; the parts sum to their rows and
+    stay within the pipeline's own wall time."""
+    results, _ = quick
+    rows = {r["stage"].strip(): r for r in _table(results, "stages")["rows"]}
+    train = rows["train: data, the baseline CNN, the float32 reference"]
+    optimize = next(r for name, r in rows.items() if name.startswith("optimize: "))
+    per_variant = next(r for name, r in rows.items() if name.startswith("quantize + evaluate"))
+    whole = rows["the whole pipeline"]
+    assert train["now_s"] > 0 and optimize["now_s"] > 0 and per_variant["now_s"] > 0
+    parts = [rows[f"of which {stage}"]["now_s"] for stage in ("quantize", "evaluate", "benchmark")]
+    assert all(p > 0 for p in parts) and abs(sum(parts) - per_variant["now_s"]) < 1e-6
+    recipes = [r["now_s"] for name, r in rows.items() if name.startswith("optimize ")
+               and not name.startswith("optimize: ")]
+    assert recipes and abs(sum(recipes) - optimize["now_s"]) < 1e-6
+    assert train["now_s"] + optimize["now_s"] + per_variant["now_s"] < whole["now_s"]
 
 
 def test_sparse_storage_is_measured_beside_dense(quick):

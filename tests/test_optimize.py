@@ -283,19 +283,24 @@ def stage_context(name: str, base_model: str, dataset, config, tmp_path, monkeyp
     this machine's scratch folder under `tmp_path`."""
     import uuid
 
-    from pipeline.store import artifacts, tracking
     from pipeline import stages
+    from pipeline.contract import Reference, RunContext
+    from pipeline.store import artifacts, tracking
     monkeypatch.setenv("PIPELINE_WORK_DIR", str(tmp_path / "work"))
     pipeline_run_id = f"test-optimize-{name}-{uuid.uuid4().hex[:8]}"
     parent = tracking.start_parent_run("test-optimize", pipeline_run_id, params={}, tags={})
     base_model_uri = artifacts.store(parent, base_model, stages.BASELINE_FOLDER)
-    return {"pipeline_run_id": pipeline_run_id, "parent_run_id": parent,
-            "experiment": "test-optimize", "config": config.to_dict(),
-            "base_model_uri": base_model_uri, "base_model_kind": "tf_keras",
-            # What train hands on for a tf_keras model: the techniques start from it as it is.
-            "technique_base_uri": base_model_uri, "techniques_unavailable": None,
-            "dataset_uri": artifacts.store(parent, dataset.save(tmp_path / "dataset.npz"),
-                                           stages.TRAIN_FOLDER)}
+    return RunContext(
+        pipeline_run_id=pipeline_run_id, parent_run_id=parent, experiment="test-optimize",
+        config=config, num_classes=dataset.num_classes, base_model_uri=base_model_uri,
+        base_model_kind="tf_keras",
+        # What train hands on for a tf_keras model: the techniques start from it as it is.
+        technique_base_uri=base_model_uri, techniques_unavailable=None,
+        dataset_uri=artifacts.store(parent, dataset.save(tmp_path / "dataset.npz"),
+                                    stages.TRAIN_FOLDER),
+        # optimize reads neither: no reference model or predictions in these tests
+        reference=Reference(tflite_uri="", accuracy=0.0, size_bytes=0, keras_accuracy=0.0),
+        baseline_predictions_uri="").to_dict()
 
 
 def test_a_collaborative_recipe_continues_from_its_prefix_trained_once(base_path, dataset, config,

@@ -599,7 +599,7 @@ def test_a_run_killed_while_quantizing_resumes_with_the_same_result(tmp_path, mo
     # What train handed on is in the artifact store, whole (fetch checks each file's digest).
     stored_baseline = artifacts.fetch(ctx["base_model_uri"])
     reference = artifacts.fetch(ctx["reference"]["tflite_uri"])
-    for uri in (ctx["dataset_uri"], ctx["keras_predictions"][""]):
+    for uri in (ctx["dataset_uri"], ctx["baseline_predictions_uri"]):
         artifacts.fetch(uri)
     baseline = run_dir / "baseline.keras"
     assert _sha256(baseline) == _sha256(stored_baseline)

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline.config import PROJECT_ROOT
 
@@ -145,7 +145,8 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
         retry(lambda: client().log_batch(run_id, params=items))
 
 
-def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+def log_metrics(run_id: str, metrics: Mapping[str, float | None]) -> None:
+    """Log the metrics that have a value (None: not measured)."""
     from mlflow.entities import Metric
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
