@@ -74,6 +74,7 @@ cli: install dataset
 
 test: $(VENV)/.installed-test dataset
 	$(VENV)/bin/ruff check pipeline dags plugins tests benchmarks scripts
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -m "not slow" tests
 
 # The load test (4 concurrent DAG runs on the local stack; ~10 min on 2 cores) and anything else

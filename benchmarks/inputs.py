@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.files import atomic_path
+
 # name -> (builder of the tf_keras application, input side, extra keyword arguments)
 ARCHITECTURES = {
     "resnet50": ("ResNet50", 224, {}),
@@ -29,10 +31,8 @@ def model_file(cache_dir: Path, architecture: str) -> Path:
     import tf_keras
     model = getattr(tf_keras.applications, builder)(weights=None, input_shape=(side, side, 3),
                                                      classes=2, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.h5")
-    model.save(str(tmp), save_format="h5")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save(str(tmp), save_format="h5")
     return path
 
 

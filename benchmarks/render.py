@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 
+from tabulate import tabulate
+
 SECTION_NUMBERS = {"resnet": 1, "cnn": 2, "sparse": 3, "throughput": 4, "peer": 5,
                    "orchestration": 6}
+RIGHT_ALIGNED = {"int", "mb", "mib", "ms", "s", "x", "pct"}  # the numeric cell formats
 
 
 def cell(value, fmt: str) -> str:
@@ -34,15 +37,18 @@ def cell(value, fmt: str) -> str:
     raise ValueError(f"unknown cell format {fmt!r}")
 
 
+def _pipe_table(headers: list[str], rows: list[list[str]], align: list[str]) -> list[str]:
+    """A markdown (pipe) table of cells already formatted as text, as lines."""
+    return tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True,
+                    colalign=align).splitlines()
+
+
 def table(spec: dict) -> list[str]:
     columns = spec["columns"]
-    right = {"int", "mb", "mib", "ms", "s", "x", "pct"}
-    lines = [f"<!-- table: {spec['id']} -->",
-             "| " + " | ".join(c["label"] for c in columns) + " |",
-             "|" + "|".join("---:" if c["format"] in right else "---" for c in columns) + "|"]
-    for row in spec["rows"]:
-        lines.append("| " + " | ".join(cell(row.get(c["key"]), c["format"]) for c in columns) + " |")
-    return lines
+    rows = [[cell(row.get(c["key"]), c["format"]) for c in columns] for row in spec["rows"]]
+    return [f"<!-- table: {spec['id']} -->",
+            *_pipe_table([c["label"] for c in columns], rows,
+                         ["right" if c["format"] in RIGHT_ALIGNED else "left" for c in columns])]
 
 
 def _goal_value(value) -> str:
@@ -78,13 +84,12 @@ def markdown(results: dict) -> str:
         "",
         "## Goals",
         "",
-        "| section | goal | target | measured | met | note |",
-        "|---|---|---|---|---|---|",
     ]
-    for key, section in results["sections"].items():
-        for g in section.get("goals", []):
-            lines.append(f"| {SECTION_NUMBERS.get(key, '')} | {g['goal']} | {g['target']} | "
-                         f"{_goal_value(g['measured'])} | {_met(g['met'])} | {g.get('note', '')} |")
+    goals = [[str(SECTION_NUMBERS.get(key, "")), str(g["goal"]), str(g["target"]),
+              _goal_value(g["measured"]), _met(g["met"]), str(g.get("note", ""))]
+             for key, section in results["sections"].items() for g in section.get("goals", [])]
+    lines += _pipe_table(["section", "goal", "target", "measured", "met", "note"], goals,
+                         ["right", "left", "left", "left", "left", "left"])  # measured: some text
     for key, section in results["sections"].items():
         lines += ["", f"## {SECTION_NUMBERS.get(key, '')}. {section['title']}", ""]
         lines.append(f"_Section time {section.get('seconds', 0) / 60:.1f} min; load average before: "

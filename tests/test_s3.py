@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,29 +137,29 @@ def test_ensure_bucket_is_idempotent_through_the_cli(stack):
         again = s3_cli("ensure-bucket", target, env=stack.operator_env)
         assert again.returncode == 0, again.stderr
         assert again.stdout.strip() == f"bucket {BUCKET} at {stack.s3_url}: already exists"
-    described = json.loads(s3_cli("describe", env=stack.operator_env).stdout)
-    assert described == {"endpoint_url": stack.s3_url, "endpoint_source": "MLFLOW_S3_ENDPOINT_URL",
-                         "region": "us-east-1", "credentials": "env", "verify_tls": True,
-                         "addressing_style": "auto"}
 
 
-def test_ensure_bucket_with_an_airflow_connection_and_a_concurrent_create(moto_s3, monkeypatch):
-    """Credentials from an Airflow connection; a bucket created by someone else between the
-    existence check and the create (BucketAlreadyOwnedByYou, outside us-east-1) is fine."""
+def test_ensure_bucket_outside_us_east_1_and_a_concurrent_create(moto_s3, monkeypatch):
+    """A region that needs a LocationConstraint; a bucket created by someone else between the
+    existence check and the create (BucketAlreadyOwnedByYou) is fine; missing credentials are one
+    line naming the endpoint."""
     for name in [k for k in os.environ if k.startswith(("AWS_", "MLFLOW_S3_"))]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("AIRFLOW_CONN_S3_ARTIFACTS", json.dumps({
-        "conn_type": "aws", "login": MOTO_ACCESS_KEY_ID, "password": MOTO_SECRET_ACCESS_KEY,
-        "extra": {"endpoint_url": moto_s3, "region_name": "eu-west-1"}}))
-    first = s3.ensure_bucket("s3://eu-bucket/prefix", aws_conn_id="s3_artifacts")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", MOTO_ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", MOTO_SECRET_ACCESS_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    first = s3.ensure_bucket("s3://eu-bucket/prefix", moto_s3)
     assert first == {"bucket": "eu-bucket", "prefix": "prefix", "endpoint_url": moto_s3,
                      "created": True}
-    assert s3.describe_endpoint(aws_conn_id="s3_artifacts")["credentials"] == (
-        "airflow connection s3_artifacts")
     monkeypatch.setattr(s3, "_bucket_exists", lambda client, bucket: False)
-    assert s3.ensure_bucket("eu-bucket", aws_conn_id="s3_artifacts")["created"] is False
-    with pytest.raises(PipelineInputError, match="Airflow connection 'missing' not found"):
-        s3.ensure_bucket("eu-bucket", aws_conn_id="missing")
+    assert s3.ensure_bucket("eu-bucket", moto_s3)["created"] is False
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(PipelineInputError, match=f"^no S3 credentials for {re.escape(moto_s3)}:"):
+        s3.ensure_bucket("eu-bucket", moto_s3)
 
 
 def test_an_unreachable_endpoint_is_named(monkeypatch):

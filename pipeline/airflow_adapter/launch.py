@@ -10,10 +10,14 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from pipeline.store import artifacts
 from pipeline.config import PROJECT_ROOT, PipelineConfig
 from pipeline.errors import PipelineInputError
+
+if TYPE_CHECKING:
+    from airflow.models.dagrun import DagRun
 
 DAG_ID = "model_compression"
 
@@ -28,14 +32,14 @@ def load_dag(dag_id: str = DAG_ID):
     return bag.get_dag(dag_id)
 
 
-def run_dag(conf: dict) -> tuple[object, dict | None]:
+def run_dag(conf: dict) -> tuple[DagRun, dict | None]:
     """Run the DAG once with `conf`; returns (dag_run, the context `train` produced or None)."""
     dag = load_dag()
     dag_run = dag.test(run_conf=conf)
     return dag_run, _train_context(dag_run)
 
 
-def _train_context(dag_run) -> dict | None:
+def _train_context(dag_run: DagRun) -> dict | None:
     """The run context `train` returned (its XCom), or None when it did not finish."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session

@@ -48,6 +48,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.files import atomic_path
+
 MODES = ("dynamic", "float16", "int8", "int16x8", "int4")
 # Ops with a weight operand (input 1 of each), by the quantizer's names (the interpreter says
 # TRANSPOSE_CONV).
@@ -359,23 +361,18 @@ def _quantize(mode: str, float_tflite_path: Path, out_path, calibration, configu
         raise QuantizerError(f"{mode} quantization of {float_tflite_path.name}: the model is "
                              f"already quantized; give the float32 .tflite")
     configure(qt)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with _refusals(mode, float_tflite_path):
-        test_data = None
-        if qt.need_calibration:
-            signature, input_name, _ = _signature(float_tflite_path, mode)
-            batches = _batches(calibration, mode, float_tflite_path)
-            test_data = {signature: [{input_name: batch} for batch in batches]}
-        result = qt.quantize(_calibrate(qt, test_data), enable_progress_report=False)
-        result.export_model(str(tmp), overwrite=True)
-    try:
+    with atomic_path(out_path) as tmp:  # only a model that passed the checks lands there
+        with _refusals(mode, float_tflite_path):
+            test_data = None
+            if qt.need_calibration:
+                signature, input_name, _ = _signature(float_tflite_path, mode)
+                batches = _batches(calibration, mode, float_tflite_path)
+                test_data = {signature: [{input_name: batch} for batch in batches]}
+            result = qt.quantize(_calibrate(qt, test_data), enable_progress_report=False)
+            result.export_model(str(tmp), overwrite=True)
         _check_runs(tmp, mode, float_tflite_path)
         if mode in ("int8", "int16x8"):
             _check_integer(tmp, mode, float_tflite_path)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 

@@ -5,9 +5,9 @@ model (tf_keras or Keras 3) or a SavedModel directory.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from pipeline.files import write_bytes
 from pipeline.variants import CONVERTER_MODES
 
 
@@ -65,9 +65,4 @@ def convert(mode: str, out_path: str | Path, *, model=None, saved_model_dir: str
     except Exception as error:  # the converter raises ConverterError and friends
         message = str(error).strip().splitlines()
         raise ConversionError(f"{mode} conversion failed: {message[-1] if message else type(error).__name__}") from error
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(flatbuffer)
-    os.replace(tmp, out_path)
-    return out_path
+    return write_bytes(out_path, flatbuffer)

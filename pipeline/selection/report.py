@@ -5,15 +5,17 @@ Selection; the caller logs them as the parent run's `report/summary.md` and `rep
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from tabulate import tabulate
+
+from pipeline.files import atomic_path
 from pipeline.selection.select import PARETO_METRICS, Selection, finite_number, objective_value
 
 COLUMNS = ("variant", "accuracy", "delta (pts)", "size", "gzip size", "ratio", "gzip ratio",
            "latency p50 (ms)", "peak mem (MB)", "gates", "pareto", "champion")
+TEXT_COLUMNS = {"variant", "gates", "pareto", "champion"}  # left-aligned; numbers to the right
 ERROR_CHARS = 80
 # One marker shape per quantization mode in the plot.
 MARKERS = {"float32": "o", "dynamic": "s", "float16": "^", "int8": "D", "int16x8": "v", "int4": "X",
@@ -41,9 +43,7 @@ def ordered(results: list[dict[str, Any]], selection: Selection) -> list[dict[st
 def terminal_table(results: list[dict[str, Any]], selection: Selection) -> str:
     """The summary table alone, as markdown (readable as is in a terminal or a task log)."""
     pareto = set(selection.pareto)
-    lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---" if i in (0, 9, 10, 11) else "---:" for i in range(len(COLUMNS)))
-             + "|"]
+    rows = []
     for result in ordered(results, selection):
         name = result["variant"]
         if result.get("status") == "ok":
@@ -52,7 +52,7 @@ def terminal_table(results: list[dict[str, Any]], selection: Selection) -> str:
         else:
             status = "skipped" if result.get("status") == "skipped" else "failed"
             gates = f"{status}: " + _shorten(str(result.get("error") or "unknown error"))
-        cells = [
+        rows.append([
             f"`{name}`",
             _num(result.get("accuracy"), "{:.4f}"),
             _num(result.get("accuracy_delta_pts"), "{:+.2f}"),
@@ -65,9 +65,8 @@ def terminal_table(results: list[dict[str, Any]], selection: Selection) -> str:
             _escape(gates),
             "yes" if name in pareto else "",
             "**champion**" if name == selection.champion else "",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        ])
+    return _markdown_table(COLUMNS, rows, TEXT_COLUMNS)
 
 
 def summary_markdown(results: list[dict[str, Any]], selection: Selection) -> str:
@@ -105,9 +104,7 @@ def sensitivity_markdown(rows: list[dict[str, Any]],
         return -math.inf if value is None else value
 
     ranks = {id(row): rank for rank, row in enumerate(sorted(rows, key=snr), start=1)}
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if name in ("layer", "op", "quantized as", "mixed") else "---:"
-                            for name in columns) + "|"]
+    table = []
     for row in rows:
         cells = [str(ranks[id(row)]), f"`{_escape(_middle(str(row.get('layer', ''))))}`",
                  _escape(row.get("op", "")), _num(row.get("weights"), "{:,.0f}"),
@@ -115,9 +112,17 @@ def sensitivity_markdown(rows: list[dict[str, Any]],
                  _num(row.get("layer_snr_db"), "{:.1f}"), _num(row.get("layer_cosine"), "{:.4f}"),
                  _num(row.get("output_snr_db"), "{:.1f}"), _num(row.get("output_cosine"), "{:.4f}")]
         if placement is not None:
-            cells.append(_escape(placement.get(row.get("layer"), "-")))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            cells.append(_escape(placement.get(str(row.get("layer", "")), "-")))
+        table.append(cells)
+    return _markdown_table(columns, table, {"layer", "op", "quantized as", "mixed"})
+
+
+def _markdown_table(columns, rows: list[list[str]], text_columns: set[str]) -> str:
+    """A markdown (pipe) table of cells already formatted as text: `text_columns` left-aligned,
+    the others (numbers) right-aligned."""
+    return tabulate(rows, headers=columns, tablefmt="pipe", disable_numparse=True,
+                    colalign=["left" if name in text_columns else "right"
+                              for name in columns]) + "\n"
 
 
 def _middle(text: str) -> str:
@@ -158,15 +163,8 @@ def pareto_plot(results: list[dict[str, Any]], selection: Selection, path: str |
         ax.text(0.5, 0.5, "no variant produced measurements", ha="center", va="center",
                 transform=ax.transAxes)
     fig.tight_layout(rect=(0, 0, KEY_LEFT, 1))  # the key of numbered points on the right
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 

@@ -107,11 +107,11 @@ def gate_failures(result: dict[str, Any], config: "PipelineConfig",
 def pareto_front(results: list[dict[str, Any]]) -> list[str]:
     """Names of the ok variants no other ok variant dominates on (accuracy max, gzip size min,
     p50 latency min), smallest gzip size first. Variants missing one of these are left out."""
-    points = {}
+    points: dict[str, tuple[float, float, float]] = {}
     for result in results:
-        values = [finite_number(result.get(k)) for k in PARETO_METRICS]
-        if result.get("status") == "ok" and None not in values:
-            accuracy, size, latency = values
+        accuracy, size, latency = (finite_number(result.get(k)) for k in PARETO_METRICS)
+        if (result.get("status") == "ok" and accuracy is not None and size is not None
+                and latency is not None):
             points[result["variant"]] = (-accuracy, size, latency)  # all "lower is better"
 
     def dominates(a, b):
@@ -126,7 +126,7 @@ def choose(results: list[dict[str, Any]], config: "PipelineConfig",
            num_classes: int | None = None) -> Selection:
     """Apply the gates, compute the Pareto front, and pick the champion by `config.objective`."""
     names = [r.get("variant") for r in results]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted({n for n in names if names.count(n) > 1}, key=str)  # may hold None
     if duplicates:
         raise PipelineInputError(f"duplicate variant results: {', '.join(map(str, duplicates))}")
     rejected = {}
@@ -143,7 +143,9 @@ def choose(results: list[dict[str, Any]], config: "PipelineConfig",
     if passing:
         best = passing[0]
         champion = best["variant"]
-        reason = (f"{champion}: {words} ({_fmt(objective_value(best, config.objective))} {unit}) "
+        best_value = objective_value(best, config.objective)
+        assert best_value is not None  # gate_failures rejects a result without its objective metric
+        reason = (f"{champion}: {words} ({_fmt(best_value)} {unit}) "
                   f"among {len(passing)} of {len(results)} variants passing the gates; accuracy "
                   f"{best['accuracy']:.4f} ({_fmt(best['accuracy_delta_pts'])} pts vs float32)")
     else:

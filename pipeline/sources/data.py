@@ -11,10 +11,12 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.errors import PipelineInputError, unreadable_file_errors
+from pipeline.files import atomic_path
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -49,20 +51,19 @@ class Dataset:
         """One .npz (atomic). Images that are 8-bit pixels (k/255 of a range, as every loader
         gives) are stored as uint8 with their range: a quarter of the bytes to move between
         workers; `load` gives back the same float32 values."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         splits = {"x_train": self.x_train, "x_val": self.x_val, "x_test": self.x_test}
         pixel_range = _byte_range(list(splits.values()))
         if pixel_range is not None:
             low, high = pixel_range
             splits = {k: np.round((v - low) / (high - low) * 255).astype(np.uint8)
                       for k, v in splits.items()}
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **splits, y_train=self.y_train, y_val=self.y_val, y_test=self.y_test,
-                 class_names=np.array(self.class_names), source=np.array(self.source),
-                 byte_range=np.array(pixel_range if pixel_range else (), np.float32))
-        os.replace(tmp, path)  # never leave a half-written file under the final name
-        return path
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            arrays: dict[str, Any] = {
+                **splits, "y_train": self.y_train, "y_val": self.y_val, "y_test": self.y_test,
+                "class_names": np.array(self.class_names), "source": np.array(self.source),
+                "byte_range": np.array(pixel_range if pixel_range else (), np.float32)}
+            np.savez(handle, **arrays)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Dataset":
@@ -261,15 +262,15 @@ def _load_image_folder(root: Path, input_shape):
                 skipped += 1
                 continue
             try:
-                with Image.open(file) as img:
-                    img.load()
+                with Image.open(file) as opened:
+                    opened.load()
                     if channels is None:
-                        channels = 1 if img.mode in ("L", "1", "I;16", "I", "F") else 3
-                    img = img.convert("L" if channels == 1 else "RGB")
-                    if height is None:
+                        channels = 1 if opened.mode in ("L", "1", "I;16", "I", "F") else 3
+                    img = opened.convert("L" if channels == 1 else "RGB")
+                    if height is None or width is None:
                         width, height = img.size
                     if img.size != (width, height):
-                        img = img.resize((width, height), Image.BILINEAR)
+                        img = img.resize((width, height), Image.Resampling.BILINEAR)
                     array = np.asarray(img, dtype=np.float32) / 255.0
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
                 skipped += 1
@@ -280,7 +281,8 @@ def _load_image_folder(root: Path, input_shape):
         raise PipelineInputError(
             f"image folder {root}: {skipped} of {total} files are unreadable or not images "
             f"(more than {MAX_UNREADABLE_FRACTION:.0%}): remove them or fix the folder")
-    counts = np.bincount(np.array(labels, dtype=np.int64), minlength=len(class_dirs)) if labels else []
+    counts: list[int] = (np.bincount(np.array(labels, dtype=np.int64),
+                                     minlength=len(class_dirs)).tolist() if labels else [])
     empty = [d.name for d, n in zip(class_dirs, counts) if n == 0] if labels else [d.name for d in class_dirs]
     if empty:
         raise PipelineInputError(f"image folder {root}: class folder(s) {', '.join(empty)} hold no "

@@ -121,10 +121,10 @@ def _fetch_s3(uri: str, dest: Path, what: str) -> Path:
     """A file (s3://bucket/key) or every object under a prefix (s3://bucket/prefix/)."""
     from botocore.exceptions import ClientError
 
-    from pipeline.store.s3 import parse_s3_uri, resolve_endpoint, translated_errors
+    from pipeline.store.s3 import Endpoint, parse_s3_uri, translated_errors
     bucket, key = parse_s3_uri(uri)
-    endpoint = resolve_endpoint()
-    s3 = endpoint.client()
+    endpoint = Endpoint()
+    s3 = endpoint.client
     dest.mkdir(parents=True, exist_ok=True)
     with translated_errors(endpoint, bucket):
         if key and not uri.endswith("/"):

@@ -19,14 +19,13 @@ Airflow DAG processor imports the DAG files every few seconds).
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.files import atomic_path, save_array
 from pipeline.sources.models import flat_layers, load_model, model_kind, predict_classes, tf_keras
 from pipeline.techniques.train import compile_classifier, cosine_schedule, fit, set_seed
 from pipeline.variants import OPTIMIZATION_ORDER
@@ -271,7 +270,7 @@ def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = save_optimized(model, out_dir / name)
     test_predictions = predict_classes(model, dataset.x_test)
-    predictions_path = _save_array(out_dir / f"{name}.test-predictions.npy", test_predictions)
+    predictions_path = str(save_array(out_dir / f"{name}.test-predictions.npy", test_predictions))
     stats = kernel_stats(model)
     return {
         "recipe": name,
@@ -300,31 +299,19 @@ def _load_base(path, recipe: str, config):
 
 
 def save_optimized(model, stem) -> str:
-    """Save atomically (temporary name, then os.replace) and return the path written.
+    """Save atomically and return the path written.
 
     Plain models go to `<stem>.keras`. QAT models go to the SavedModel directory
     `<stem>.savedmodel`: the .keras format cannot reload TF-MOT's QuantizeLayer and .h5 cannot
     reload cluster-preserving QAT (its quantizer rebuilds variables from the weights at load time).
     """
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    if not _is_quantized(model):
-        target = stem.with_name(stem.name + ".keras")
-        tmp = stem.with_name(f".{stem.name}.tmp-{os.getpid()}.keras")  # Keras needs the suffix
-        model.save(str(tmp))
-        os.replace(tmp, target)
-        return str(target)
-    target = stem.with_name(stem.name + ".savedmodel")
-    tmp = stem.with_name(f".{stem.name}.tmp-{os.getpid()}.savedmodel")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(str(tmp), save_format="tf", include_optimizer=False)
-    if target.exists():  # os.replace cannot replace a non-empty directory: move the old one aside
-        old = stem.with_name(f".{stem.name}.old-{os.getpid()}.savedmodel")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    quantized = _is_quantized(model)
+    target = Path(stem).with_name(Path(stem).name + (".savedmodel" if quantized else ".keras"))
+    with atomic_path(target) as tmp:
+        if quantized:
+            model.save(str(tmp), save_format="tf", include_optimizer=False)
+        else:
+            model.save(str(tmp))
     return str(target)
 
 
@@ -405,10 +392,3 @@ def _from_tfmot(layer, package: str = "") -> bool:
 
 def _is_quantized(model) -> bool:
     return any(_from_tfmot(layer, "quantization") for layer in flat_layers(model))
-
-
-def _save_array(path: Path, array: np.ndarray) -> str:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-    return str(path)
