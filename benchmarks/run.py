@@ -6,9 +6,11 @@ one run: medians over interleaved rounds, ratios, the limits beside them, and th
 1. ResNet50 brought in through the pipeline's bring-your-own-model command line, in float32,
    dynamic, float16 and int8, and which LiteRT loading/delegate options keep its weights once.
 2. The default CNN on Fashion-MNIST: every variant of the suite, with ratios to float32.
-3. Evaluation throughput: the batched runner against one image per invoke.
-4. A peer runtime: the same Keras model through ONNX (tf2onnx) and ONNX Runtime, fp32 and int8.
-5. Orchestration overhead: the same small pipeline through the Airflow DAG and the command line.
+3. Time per stage of that run (as the stages recorded it in MLflow), before and after.
+4. Sparse storage of its pruned models against dense.
+5. Evaluation throughput: the batched runner against one image per invoke.
+6. A peer runtime: the same Keras model through ONNX (tf2onnx) and ONNX Runtime, fp32 and int8.
+7. Orchestration overhead: the same small pipeline through the Airflow DAG and the command line.
 
 `--quick` (for tests/test_bench.py: the tables' shape, not their timings) uses a small stand-in
 for ResNet50, a reduced training budget and fewer variants, rounds and runs.
