@@ -38,7 +38,9 @@ def test_every_mode_converts_with_expected_sizes_and_types(converted):
 def test_batched_evaluation_matches_one_image_per_invoke(converted, small_dataset):
     _, paths = converted
     x = small_dataset.x_test[:70]
-    batched = TFLiteRunner(str(paths["int8"]), max_batch=32).predict_classes(x)
+    runner = TFLiteRunner(str(paths["int8"]), max_batch=32)
+    assert runner.runtime == "compiled" and runner.max_batch == 32  # it really batches
+    batched = runner.predict_classes(x)
     single = TFLiteRunner(str(paths["int8"]), max_batch=1).predict_classes(x)
     assert np.array_equal(batched, single)
 
@@ -102,6 +104,27 @@ def test_weight_stats_reads_sparsity_and_unique_values(tmp_path):
     assert stats["sparsity"] == pytest.approx(0.75)
     assert stats["unique_weights_max"] == 2
     assert gzip_size(path) < path.stat().st_size
+
+
+def test_a_graph_only_partly_on_xnnpack_runs_one_image_at_a_time(tmp_path, small_dataset):
+    """LayerNormalization keeps part of the graph off XNNPACK; the CompiledModel then resizes the
+    input but not the output, so a batch would overrun the output buffer. The runner notices,
+    runs one image per call on the same runtime, and agrees with the interpreter."""
+    import tf_keras
+
+    layers = tf_keras.layers
+    model = tf_keras.Sequential([tf_keras.Input(small_dataset.input_shape),
+                                 layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(),
+                                 layers.LayerNormalization(), layers.Flatten(),
+                                 layers.Dense(small_dataset.num_classes)])
+    path = convert("float32", tmp_path / "layernorm.tflite", model=model)
+    runner = TFLiteRunner(path)
+    assert runner.runtime == "compiled" and runner.kernels == "xnnpack+builtin"
+    assert runner.max_batch == 1
+    x = small_dataset.x_test[:40]
+    np.testing.assert_allclose(runner.scores(x), TFLiteRunner(path, runtime="interpreter").scores(x),
+                               atol=1e-4)
+    assert TFLiteRunner(path, runtime="interpreter").max_batch > 1
 
 
 def test_sparse_storage_shrinks_a_pruned_model_and_it_still_runs(tmp_path, small_dataset):

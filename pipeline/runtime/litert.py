@@ -36,6 +36,10 @@ def compiled_environment():
     return Environment.create()
 
 
+class BatchResizeUnsupported(RuntimeError):
+    """The model runs on the CompiledModel one image at a time only."""
+
+
 class _Compiled:
     """A CompiledModel on XNNPACK: resize(batch), run(array) -> raw output array."""
 
@@ -48,12 +52,18 @@ class _Compiled:
         signature = next(iter(self._model.get_signature_list()))
         self._output = next(iter(self._model.get_output_tensor_details(signature).values()))
         self.fully_accelerated = bool(self._model.is_fully_accelerated())
-        self._inputs = self._outputs = None
+        self._inputs: list | None = None
+        self._outputs: list | None = None
 
     def resize(self, shape: list[int]) -> None:
         self._model.resize_input_tensor(0, shape, strict=False)
         self._inputs = self._model.create_input_buffers(0)
         self._outputs = self._model.create_output_buffers(0)
+        # Some graphs (those only partly on XNNPACK) keep their output at the old batch size:
+        # running them would write past the output buffer. Refuse, and stay at batch 1.
+        if int(self._outputs[0].get_tensor_details()["shape"][0]) != shape[0]:
+            self.resize([1, *shape[1:]])
+            raise BatchResizeUnsupported(f"the CompiledModel cannot run this graph at batch {shape[0]}")
 
     def run(self, batch: np.ndarray, output_shape: tuple[int, ...], output_dtype) -> np.ndarray:
         assert self._inputs is not None and self._outputs is not None, "resize() first"
@@ -119,24 +129,45 @@ class TFLiteRunner:
         self.fallback_reason: str | None = None
         self.fully_accelerated: bool | None = None
         self._backend: _Compiled | _Interpreted
+        self.max_batch = max_batch
+        self._batch: int | None = None  # the batch size the backend is resized to
         if runtime == "compiled":
             try:
                 self._backend = _Compiled(path, num_threads, weight_cache)
-                self._backend.resize([1, *self.image_shape])
                 self.fully_accelerated = self._backend.fully_accelerated
-                self._backend.run(np.zeros((1, *self.image_shape), self._input["dtype"]),
-                                  (1, *self.output_shape), self._output["dtype"])
+                if not self._batches_agree():
+                    # e.g. a graph only partly on XNNPACK: its outputs keep batch 1 after a
+                    # resize. One image per run is still this runtime, only less batched.
+                    self.max_batch = 1
             except Exception as error:  # the CompiledModel refused it: the interpreter runs it
                 runtime, self.fallback_reason = "interpreter", _first_line(error)
         if runtime == "interpreter":
             self._backend = _Interpreted(path, num_threads)
+            self._batch = None
         self.runtime = runtime
         # Which kernels run the model: XNNPACK (all or part of the graph) or LiteRT's built-in ones.
         self.kernels = (self._backend.kernels if isinstance(self._backend, _Interpreted) else
                         "xnnpack" if self.fully_accelerated else "xnnpack+builtin")
-        self._batch: int | None = 1 if runtime == "compiled" else None
-        self.max_batch = max_batch
         self._lock = threading.Lock()  # one model, possibly many server threads
+
+    def _batches_agree(self) -> bool:
+        """Whether a batch of two gives each image's batch-1 outputs (the CompiledModel resizes
+        the input of some graphs without their outputs)."""
+        rng = np.random.default_rng(0)
+        images = self._quantize(rng.random((2, *self.image_shape), dtype=np.float32))
+        run = self._backend.run
+        self._backend.resize([1, *self.image_shape])
+        single = [run(image[None], (1, *self.output_shape), self._output["dtype"])
+                  for image in images]
+        self._batch = 1
+        try:
+            self._backend.resize([2, *self.image_shape])
+        except BatchResizeUnsupported:
+            return False
+        self._batch = 2
+        pair = run(images, (2, *self.output_shape), self._output["dtype"])
+        return bool(np.allclose(np.concatenate(single).astype(np.float32),
+                                pair.astype(np.float32), atol=1e-4, rtol=1e-3))
 
     def describe(self) -> dict[str, Any]:
         """Which runtime and kernels run this model (for tags and logs)."""
