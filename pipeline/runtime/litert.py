@@ -14,7 +14,10 @@ scale and zero point and outputs dequantized, so callers pass and get floats.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -29,11 +32,41 @@ MAX_BATCH = 256
 RUNTIMES = ("compiled", "interpreter")
 
 
+@contextlib.contextmanager
+def _native_logs_quiet():
+    """LiteRT's C++ side logs a dozen INFO/WARNING lines to stderr for every environment and
+    model it sets up (accelerator and vendor plugin discovery), with no API to lower its level:
+    hold them back while it does, unless PIPELINE_LITERT_LOGS=1. A failure still raises, with
+    its message, in Python."""
+    if os.environ.get("PIPELINE_LITERT_LOGS") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        _flush_c_streams()  # what the C++ side buffered goes to /dev/null too
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _flush_c_streams() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
 @functools.lru_cache(maxsize=1)
 def compiled_environment():
     """LiteRT's runtime environment (accelerator registry, shared libraries): once per process."""
     from ai_edge_litert.environment import Environment
-    return Environment.create()
+    with _native_logs_quiet():
+        return Environment.create()
 
 
 class BatchResizeUnsupported(RuntimeError):
@@ -47,8 +80,10 @@ class _Compiled:
         from ai_edge_litert import compiled_model as litert
         cpu = litert.CpuOptions(num_threads=num_threads or 0,
                                 **({"xnnpack_weight_cache_path": weight_cache} if weight_cache else {}))
-        self._model = litert.CompiledModel.from_file(
-            path, options=litert.Options(cpu_options=cpu), environment=compiled_environment())
+        environment = compiled_environment()
+        with _native_logs_quiet():
+            self._model = litert.CompiledModel.from_file(
+                path, options=litert.Options(cpu_options=cpu), environment=environment)
         signature = next(iter(self._model.get_signature_list()))
         self._output = next(iter(self._model.get_output_tensor_details(signature).values()))
         self.fully_accelerated = bool(self._model.is_fully_accelerated())
@@ -56,9 +91,10 @@ class _Compiled:
         self._outputs: list | None = None
 
     def resize(self, shape: list[int]) -> None:
-        self._model.resize_input_tensor(0, shape, strict=False)
-        self._inputs = self._model.create_input_buffers(0)
-        self._outputs = self._model.create_output_buffers(0)
+        with _native_logs_quiet():  # the first buffers set up LiteRT's runtime once more
+            self._model.resize_input_tensor(0, shape, strict=False)
+            self._inputs = self._model.create_input_buffers(0)
+            self._outputs = self._model.create_output_buffers(0)
         # Some graphs (those only partly on XNNPACK) keep their output at the old batch size:
         # running them would write past the output buffer. Refuse, and stay at batch 1.
         if int(self._outputs[0].get_tensor_details()["shape"][0]) != shape[0]:
@@ -116,7 +152,8 @@ class TFLiteRunner:
         path = str(tflite_path)
         # The tensors' shapes, types and quantization, read without allocating anything.
         from ai_edge_litert.interpreter import Interpreter
-        details = Interpreter(model_path=path)
+        with _native_logs_quiet():
+            details = Interpreter(model_path=path)
         inputs, outputs = details.get_input_details(), details.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise PipelineInputError(f"{Path(tflite_path).name} has {len(inputs)} inputs and "
