@@ -7,8 +7,9 @@ import math
 
 from tabulate import tabulate
 
-SECTION_NUMBERS = {"resnet": 1, "cnn": 2, "sparse": 3, "throughput": 4, "peer": 5,
-                   "orchestration": 6}
+from benchmarks.common import SECTIONS
+
+SECTION_NUMBERS = {name: number for number, name in enumerate(SECTIONS, start=1)}
 RIGHT_ALIGNED = {"int", "mb", "mib", "ms", "s", "x", "pct"}  # the numeric cell formats
 
 
