@@ -530,10 +530,10 @@ def section_stages(bench: Bench) -> dict:
         rows.append({"stage": what, "before_s": STAGES_BEFORE[stage], "now_s": now,
                      "ratio": STAGES_BEFORE[stage] / now if now else None})
     for stage, seconds in per_stage.items():
-        rows.append({"stage": f"  of which {stage}", "before_s": None, "now_s": seconds,
+        rows.append({"stage": f"of which {stage}", "before_s": None, "now_s": seconds,
                      "ratio": None})
     for recipe, seconds in sorted(optimize.items(), key=lambda item: -item[1]):
-        rows.append({"stage": f"  optimize {recipe}", "before_s": None, "now_s": seconds,
+        rows.append({"stage": f"optimize {recipe}", "before_s": None, "now_s": seconds,
                      "ratio": None})
     full_default = not bench.quick and bench.settings["cnn"]["variants"] is None
     notes = [
