@@ -115,7 +115,8 @@ def test_a_graph_only_partly_on_xnnpack_runs_one_image_at_a_time(tmp_path, small
     layers = tf_keras.layers
     model = tf_keras.Sequential([tf_keras.Input(small_dataset.input_shape),
                                  layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(),
-                                 layers.LayerNormalization(), layers.Flatten(),
+                                 layers.LayerNormalization(name="partly_on_xnnpack"),
+                                 layers.Flatten(),
                                  layers.Dense(small_dataset.num_classes)])
     path = convert("float32", tmp_path / "layernorm.tflite", model=model)
     runner = TFLiteRunner(path)

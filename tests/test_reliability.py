@@ -308,7 +308,8 @@ def layernorm_model_path(small_dataset, tmp_path_factory) -> str:
     layers = tf_keras.layers
     model = tf_keras.Sequential([tf_keras.Input(small_dataset.input_shape),
                                  layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(),
-                                 layers.LayerNormalization(), layers.Flatten(),
+                                 layers.LayerNormalization(name="layer_normalization"),
+                                 layers.Flatten(),
                                  layers.Dense(small_dataset.num_classes)])
     compile_classifier(model, 2e-3)
     fit(model, small_dataset, epochs=1, batch_size=64, verbose=0)
