@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import math
 
-from tabulate import tabulate
-
 from benchmarks.common import SECTIONS
+from pipeline.selection.report import markdown_table
 
 SECTION_NUMBERS = {name: number for number, name in enumerate(SECTIONS, start=1)}
 RIGHT_ALIGNED = {"int", "mb", "mib", "ms", "s", "x", "pct"}  # the numeric cell formats
@@ -39,9 +38,7 @@ def cell(value, fmt: str) -> str:
 
 
 def _pipe_table(headers: list[str], rows: list[list[str]], align: list[str]) -> list[str]:
-    """A markdown (pipe) table of cells already formatted as text, as lines."""
-    return tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True,
-                    colalign=align).splitlines()
+    return markdown_table(headers, rows, align).splitlines()
 
 
 def table(spec: dict) -> list[str]:

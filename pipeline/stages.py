@@ -2,9 +2,10 @@
 
 Airflow tasks (dags/) and the command line (`python -m pipeline run`) call the same functions.
 A stage receives the run context that `train` creates (`pipeline.contract.RunContext`: ids, the
-settings, the URIs of the run's files; as the object or its JSON) and returns JSON-able dicts. Files travel between stages through the run's
-artifact store (`pipeline.store.artifacts`: URIs in, a local cached copy out), never as a path on the
-disk of the worker that wrote them: each stage may run on another machine. A stage's own files
+settings, the URIs of the run's files; as the object or its JSON) and returns JSON-able dicts.
+Files travel between stages through the run's artifact store (`pipeline.store.artifacts`: URIs
+in, a local cached copy out), never as a path on the disk of the worker that wrote them: each
+stage may run on another machine. A stage's own files
 go to this machine's scratch folder, `local_run_dir(pipeline_run_id)`.
 """
 from __future__ import annotations
@@ -131,7 +132,7 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
     tracking.log_metrics(parent_run_id, {
         "keras_accuracy": keras_accuracy, "reference_accuracy": reference.accuracy,
         "reference_size_bytes": reference_path.stat().st_size,
-        "stage_seconds_train": time.perf_counter() - started})
+        _stage_metric("train"): time.perf_counter() - started})
     log.info("baseline: Keras accuracy %.4f, float32 TFLite accuracy %.4f, %d bytes",
              keras_accuracy, reference.accuracy, reference_path.stat().st_size)
     _check_baseline(reference.accuracy, dataset.num_classes, config)
@@ -270,7 +271,9 @@ def _recipe_record(recipe: str) -> str:
 
 
 def _stage_metric(stage: str, recipe: str = "") -> str:
-    """The metric with a stage's wall time, e.g. stage_seconds_optimize_prune_cluster."""
+    """The metric with a stage's wall time: stage_seconds_train on the parent run,
+    stage_seconds_optimize_prune_cluster there per recipe, stage_seconds_quantize/_evaluate/
+    _benchmark on each variant's child run."""
     return "_".join(["stage_seconds", stage, *re.split(r"[^A-Za-z0-9]+", recipe)]).rstrip("_")
 
 
@@ -313,11 +316,10 @@ def quantize(ctx: RunContext | dict, variant_name: str) -> VariantResult:
             _log_sensitivity(run_id, lq.sensitivity(Path(float_tflite), "int8", calibration))
         tflite_uri = artifacts.store(run_id, out, "model")
         tracking.set_tags(run_id, {"recipe": variant.recipe})
-        tracking.log_metrics(run_id, {"stage_seconds_quantize": time.perf_counter() - started})
+        tracking.log_metrics(run_id, {_stage_metric("quantize"): time.perf_counter() - started})
         return VariantResult(
-            variant=variant.name, quantization=variant.quantization,
-            optimizations=",".join(variant.optimizations), child_run_id=run_id,
-            tflite_uri=tflite_uri, keras_predictions_uri=recipe_info.get("keras_predictions_uri")
+            **variant.tags(), child_run_id=run_id, tflite_uri=tflite_uri,  # type: ignore[typeddict-item]
+            keras_predictions_uri=recipe_info.get("keras_predictions_uri")
             or run.baseline_predictions_uri)
 
 
@@ -378,7 +380,7 @@ def evaluate(ctx: RunContext | dict, quantized: VariantResult) -> VariantResult:
         delta = (evaluation.accuracy - run.reference.accuracy) * 100.0
         tracking.log_metrics(run_id, {"accuracy": evaluation.accuracy, "accuracy_delta_pts": delta,
                                       "keras_agreement": evaluation.keras_agreement,
-                                      "stage_seconds_evaluate": time.perf_counter() - started})
+                                      _stage_metric("evaluate"): time.perf_counter() - started})
         tracking.log_dict(run_id, evaluation.to_dict(), "evaluation.json")
         # Which runtime computed the accuracy (the benchmark records its own below).
         tracking.set_tags(run_id, {"evaluation_runtime": evaluation.runtime.get("runtime"),
@@ -409,7 +411,7 @@ def benchmark(ctx: RunContext | dict, evaluated: VariantResult) -> VariantResult
             **weight_stats(tflite_path),
         }
         tracking.log_metrics(run_id, {**metrics,
-                                      "stage_seconds_benchmark": time.perf_counter() - started})
+                                      _stage_metric("benchmark"): time.perf_counter() - started})
         # Which LiteRT runtime measured it (and why not the compiled one, if it fell back).
         tracking.set_tags(run_id, {"status": "ok", "runtime": measurement.runtime,
                                    "runtime_fallback_reason": measurement.fallback_reason})

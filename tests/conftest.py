@@ -57,6 +57,20 @@ def small_dataset():
     return load_dataset("fashion-mnist", train_limit=1200, test_limit=500)
 
 
+def layernorm_classifier(dataset):
+    """A small untrained tf_keras classifier with a LayerNormalization layer (named
+    `layer_normalization` whatever was built before): TF-MOT's QAT has no quantize config for it,
+    and XNNPACK runs only part of its graph."""
+    import pipeline  # noqa: F401 (tf_keras as Keras)
+    import tf_keras
+
+    layers = tf_keras.layers
+    return tf_keras.Sequential([tf_keras.Input(dataset.input_shape),
+                                layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(),
+                                layers.LayerNormalization(name="layer_normalization"),
+                                layers.Flatten(), layers.Dense(dataset.num_classes)])
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(small_dataset, session_dir):
     """A small tf_keras CNN trained one epoch, saved as .keras."""

@@ -110,15 +110,9 @@ def test_a_graph_only_partly_on_xnnpack_runs_one_image_at_a_time(tmp_path, small
     """LayerNormalization keeps part of the graph off XNNPACK; the CompiledModel then resizes the
     input but not the output, so a batch would overrun the output buffer. The runner notices,
     runs one image per call on the same runtime, and agrees with the interpreter."""
-    import tf_keras
-
-    layers = tf_keras.layers
-    model = tf_keras.Sequential([tf_keras.Input(small_dataset.input_shape),
-                                 layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(),
-                                 layers.LayerNormalization(name="partly_on_xnnpack"),
-                                 layers.Flatten(),
-                                 layers.Dense(small_dataset.num_classes)])
-    path = convert("float32", tmp_path / "layernorm.tflite", model=model)
+    from tests.conftest import layernorm_classifier
+    path = convert("float32", tmp_path / "layernorm.tflite",
+                   model=layernorm_classifier(small_dataset))
     runner = TFLiteRunner(path)
     assert runner.runtime == "compiled" and runner.kernels == "xnnpack+builtin"
     assert runner.max_batch == 1

@@ -301,16 +301,9 @@ def test_unknown_variant_is_rejected_by_the_trigger_form_before_any_task(airflow
 def layernorm_model_path(small_dataset, tmp_path_factory) -> str:
     """A small tf_keras classifier for Fashion-MNIST with a LayerNormalization layer, which
     TF-MOT's QAT has no quantize config for; trained one epoch."""
-    import pipeline  # noqa: F401
-    import tf_keras
-
     from pipeline.techniques.train import compile_classifier, fit
-    layers = tf_keras.layers
-    model = tf_keras.Sequential([tf_keras.Input(small_dataset.input_shape),
-                                 layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(),
-                                 layers.LayerNormalization(name="layer_normalization"),
-                                 layers.Flatten(),
-                                 layers.Dense(small_dataset.num_classes)])
+    from tests.conftest import layernorm_classifier
+    model = layernorm_classifier(small_dataset)
     compile_classifier(model, 2e-3)
     fit(model, small_dataset, epochs=1, batch_size=64, verbose=0)
     path = tmp_path_factory.mktemp("layernorm") / "layernorm.keras"

@@ -140,8 +140,6 @@ def _child(model_path: str, runs: int, warmup: int, num_threads: int,
     # The runtime's import and set-up happen before the baseline: a once-per-process cost.
     if runtime == "compiled":
         compiled_environment()
-        from ai_edge_litert import compiled_model  # noqa: F401 (its library, loaded here)
-    import ctypes  # noqa: F401 (used while LiteRT sets up, see litert._native_logs_quiet)
     shape, dtype = input_signature(model_path)
     try:  # reset the peak-RSS mark so only what follows counts (Linux >= 4.0)
         with open("/proc/self/clear_refs", "w") as refs:

@@ -15,6 +15,7 @@ scale and zero point and outputs dequantized, so callers pass and get floats.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import sys
@@ -55,7 +56,6 @@ def _native_logs_quiet():
 
 def _flush_c_streams() -> None:
     try:
-        import ctypes
         ctypes.CDLL(None).fflush(None)
     except (OSError, AttributeError):
         pass
@@ -63,7 +63,9 @@ def _flush_c_streams() -> None:
 
 @functools.lru_cache(maxsize=1)
 def compiled_environment():
-    """LiteRT's runtime environment (accelerator registry, shared libraries): once per process."""
+    """LiteRT's runtime environment (accelerator registry, shared libraries, the CompiledModel's
+    library): once per process."""
+    from ai_edge_litert import compiled_model  # noqa: F401 (its library, loaded with the rest)
     from ai_edge_litert.environment import Environment
     with _native_logs_quiet():
         return Environment.create()
@@ -84,8 +86,6 @@ class _Compiled:
         with _native_logs_quiet():
             self._model = litert.CompiledModel.from_file(
                 path, options=litert.Options(cpu_options=cpu), environment=environment)
-        signature = next(iter(self._model.get_signature_list()))
-        self._output = next(iter(self._model.get_output_tensor_details(signature).values()))
         self.fully_accelerated = bool(self._model.is_fully_accelerated())
         self._inputs: list | None = None
         self._outputs: list | None = None
@@ -101,10 +101,17 @@ class _Compiled:
             self.resize([1, *shape[1:]])
             raise BatchResizeUnsupported(f"the CompiledModel cannot run this graph at batch {shape[0]}")
 
-    def run(self, batch: np.ndarray, output_shape: tuple[int, ...], output_dtype) -> np.ndarray:
-        assert self._inputs is not None and self._outputs is not None, "resize() first"
+    def write(self, batch: np.ndarray) -> None:
+        assert self._inputs is not None, "resize() first"
         self._inputs[0].write(np.ascontiguousarray(batch))
+
+    def invoke(self) -> None:
         self._model.run_by_index(0, self._inputs, self._outputs)
+
+    def run(self, batch: np.ndarray, output_shape: tuple[int, ...], output_dtype) -> np.ndarray:
+        self.write(batch)
+        self.invoke()
+        assert self._outputs is not None
         count = int(np.prod(output_shape))
         return np.asarray(self._outputs[0].read(count, output_dtype)).reshape(output_shape)
 
@@ -134,9 +141,15 @@ class _Interpreted:
         self._interpreter.resize_tensor_input(self._input, shape, strict=False)
         self._interpreter.allocate_tensors()
 
-    def run(self, batch: np.ndarray, output_shape: tuple[int, ...], output_dtype) -> np.ndarray:
+    def write(self, batch: np.ndarray) -> None:
         self._interpreter.set_tensor(self._input, batch)
+
+    def invoke(self) -> None:
         self._interpreter.invoke()
+
+    def run(self, batch: np.ndarray, output_shape: tuple[int, ...], output_dtype) -> np.ndarray:
+        self.write(batch)
+        self.invoke()
         return self._interpreter.get_tensor(self._output).copy()
 
 
@@ -152,8 +165,7 @@ class TFLiteRunner:
         path = str(tflite_path)
         # The tensors' shapes, types and quantization, read without allocating anything.
         from ai_edge_litert.interpreter import Interpreter
-        with _native_logs_quiet():
-            details = Interpreter(model_path=path)
+        details = Interpreter(model_path=path)
         inputs, outputs = details.get_input_details(), details.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise PipelineInputError(f"{Path(tflite_path).name} has {len(inputs)} inputs and "
@@ -172,10 +184,13 @@ class TFLiteRunner:
             try:
                 self._backend = _Compiled(path, num_threads, weight_cache)
                 self.fully_accelerated = self._backend.fully_accelerated
-                if not self._batches_agree():
-                    # e.g. a graph only partly on XNNPACK: its outputs keep batch 1 after a
-                    # resize. One image per run is still this runtime, only less batched.
-                    self.max_batch = 1
+                try:
+                    self._backend.resize([min(2, max_batch), *self.image_shape])
+                    self._batch = min(2, max_batch)
+                except BatchResizeUnsupported:
+                    # A graph only partly on XNNPACK keeps batch-1 outputs: one image per run
+                    # is still this runtime, only less batched.
+                    self.max_batch, self._batch = 1, 1
             except Exception as error:  # the CompiledModel refused it: the interpreter runs it
                 runtime, self.fallback_reason = "interpreter", _first_line(error)
         if runtime == "interpreter":
@@ -186,25 +201,6 @@ class TFLiteRunner:
         self.kernels = (self._backend.kernels if isinstance(self._backend, _Interpreted) else
                         "xnnpack" if self.fully_accelerated else "xnnpack+builtin")
         self._lock = threading.Lock()  # one model, possibly many server threads
-
-    def _batches_agree(self) -> bool:
-        """Whether a batch of two gives each image's batch-1 outputs (the CompiledModel resizes
-        the input of some graphs without their outputs)."""
-        rng = np.random.default_rng(0)
-        images = self._quantize(rng.random((2, *self.image_shape), dtype=np.float32))
-        run = self._backend.run
-        self._backend.resize([1, *self.image_shape])
-        single = [run(image[None], (1, *self.output_shape), self._output["dtype"])
-                  for image in images]
-        self._batch = 1
-        try:
-            self._backend.resize([2, *self.image_shape])
-        except BatchResizeUnsupported:
-            return False
-        self._batch = 2
-        pair = run(images, (2, *self.output_shape), self._output["dtype"])
-        return bool(np.allclose(np.concatenate(single).astype(np.float32),
-                                pair.astype(np.float32), atol=1e-4, rtol=1e-3))
 
     def describe(self) -> dict[str, Any]:
         """Which runtime and kernels run this model (for tags and logs)."""
@@ -275,18 +271,13 @@ def input_signature(model_path: str) -> tuple[list[int], np.dtype]:
 
 def open_for_benchmark(model_path: str, shape: list[int], runtime: str, num_threads: int,
                        weight_cache: str | None) -> tuple[Callable, Callable]:
-    """(set_input(array), invoke()) for the measuring child: the same backends as `TFLiteRunner`,
+    """(write(array), invoke()) for the measuring child: the same backends as `TFLiteRunner`,
     without its batching and float conversion."""
     backend: _Compiled | _Interpreted = (_Compiled(model_path, num_threads, weight_cache)
                                          if runtime == "compiled" else
                                          _Interpreted(model_path, num_threads))
     backend.resize(shape)
-    if isinstance(backend, _Compiled):
-        model, inputs, outputs = backend._model, backend._inputs, backend._outputs  # noqa: SLF001
-        assert inputs is not None and outputs is not None
-        return inputs[0].write, lambda: model.run_by_index(0, inputs, outputs)
-    interpreter, index = backend._interpreter, backend._input  # noqa: SLF001
-    return lambda x: interpreter.set_tensor(index, x), interpreter.invoke
+    return backend.write, backend.invoke
 
 
 def _first_line(error: BaseException) -> str:

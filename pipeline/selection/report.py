@@ -117,12 +117,17 @@ def sensitivity_markdown(rows: list[dict[str, Any]],
     return _markdown_table(columns, table, {"layer", "op", "quantized as", "mixed"})
 
 
+def markdown_table(headers, rows: list[list[str]], align: list[str]) -> str:
+    """A markdown (pipe) table of cells already formatted as text, each column aligned "left" or
+    "right" (the report's and the bench's tables)."""
+    return tabulate(rows, headers=list(headers), tablefmt="pipe", disable_numparse=True,
+                    colalign=align) + "\n"
+
+
 def _markdown_table(columns, rows: list[list[str]], text_columns: set[str]) -> str:
-    """A markdown (pipe) table of cells already formatted as text: `text_columns` left-aligned,
-    the others (numbers) right-aligned."""
-    return tabulate(rows, headers=columns, tablefmt="pipe", disable_numparse=True,
-                    colalign=["left" if name in text_columns else "right"
-                              for name in columns]) + "\n"
+    """`text_columns` left-aligned, the others (numbers) right-aligned."""
+    return markdown_table(columns, rows, ["left" if name in text_columns else "right"
+                                          for name in columns])
 
 
 def _middle(text: str) -> str:
