@@ -161,7 +161,7 @@ def _technique_base(kind: str, model, base_model_uri: str, dataset, run_dir: Pat
     if kind != "keras3":
         what = {"saved_model": "a SavedModel without Keras metadata (a graph, no layers to wrap)",
                 "tflite": "a .tflite model (a graph, no layers to train)"}.get(kind, kind)
-        return None, (f"the training-time techniques (prune, cluster, qat, distill) need a Keras "
+        return None, (f"the training-time techniques (prune, cluster, qat, qat4, distill) need a Keras "
                       f"model, and this is {what}; the post-training variants run")
     from pipeline.sources.keras3 import TranslationError, translate
     try:

@@ -140,11 +140,17 @@ def test_int4_and_mixed_variant_names():
     from pipeline.errors import PipelineInputError
     from pipeline.runtime.quantize import configure
     from pipeline.variants import parse_variant
-    for name in ("int4", "cluster-int4", "prune+cluster-int4", "distill-int4", "mixed"):
+    for name in ("int4", "cluster-int4", "prune+cluster-int4", "distill-int4", "mixed",
+                 "prune+cluster+qat4-int4", "qat4-int4"):
         assert parse_variant(name).name == name
     assert parse_variant("prune+cluster-int4").quantization == "int4"
-    with pytest.raises(PipelineInputError, match="int8"):
+    assert parse_variant("prune+cluster+qat4-int4").recipe == "prune+cluster+qat4"
+    with pytest.raises(PipelineInputError, match="use qat-int8$"):
         parse_variant("qat-int4")
+    with pytest.raises(PipelineInputError, match="use prune\\+qat4-int4$"):
+        parse_variant("prune+qat4-int8")
+    with pytest.raises(PipelineInputError, match="trained for one of them"):
+        parse_variant("qat+qat4-int4")
     with pytest.raises(ValueError, match="litert_quantizer"):
         configure(object(), "int4")  # the TF converter must not mistake int4 for dynamic
 

@@ -361,3 +361,63 @@ def test_flips_only_where_they_keep_the_label():
     assert not PipelineConfig(dataset="digits.npz").flips  # a flipped digit is another class
     assert PipelineConfig(dataset="my_photos", augment="flip").flips
     assert not PipelineConfig(augment="none").flips
+
+
+def test_qat4_leaves_dense_kernels_on_the_grid_the_int4_mode_stores(base_path, dataset, config,
+                                                                     tmp_path):
+    """After qat4 the int4 mode's rounding is exact: the int4 file's integers times its scales
+    are the Keras kernels, so the int4 model computes what the fine-tuned Keras model does."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pipeline.runtime.litert_quantizer import quantize_tflite
+    from pipeline.runtime.quantize import convert
+    from pipeline.techniques import qat4
+
+    result = apply_recipe("prune+qat4", base_path, dataset, config, tmp_path)
+    assert result["sparsity"] >= 0.9 * TARGET_SPARSITY  # pruned weights stay zero
+    model = load_optimized(result["model_path"])
+    dense = {k.T.shape: k for k in kernels(model).values() if k.ndim == 2}
+    assert len(dense) == 2
+    for kernel in dense.values():
+        np.testing.assert_array_equal(qat4.int4_grid(kernel), kernel)
+        assert max(np.unique(column).size for column in kernel.T) <= 16
+
+    float_path = convert("float32", tmp_path / "float32.tflite", model=model)
+    int4_path = quantize_tflite("int4", float_path, tmp_path / "int4.tflite")
+    interpreter = Interpreter(model_path=str(int4_path))
+    checked = 0
+    for detail in interpreter.get_tensor_details():
+        scales = detail["quantization_parameters"]["scales"]
+        if tuple(detail["shape"]) not in dense or scales.size <= 1:
+            continue
+        integers = interpreter.get_tensor(detail["index"]).astype(np.float32)
+        assert integers.min() >= -8 and integers.max() <= 7
+        np.testing.assert_allclose(integers * scales[:, None], dense[tuple(detail["shape"])].T,
+                                   rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked == 2
+    agreement = np.mean(litert_predictions(int4_path.read_bytes(), dataset.x_test)
+                        == predict_classes(model, dataset.x_test))
+    assert agreement >= 0.98
+
+
+def test_qat4_after_clustering_keeps_the_convolutions_clusters_and_zeros(base_path, dataset,
+                                                                          config, tmp_path):
+    """The convolutions (int8 in the int4 mode) train only their shared values: same zeros, no
+    more distinct values than clustering left, but not frozen."""
+    clustered = apply_recipe("prune+cluster", base_path, dataset, config, tmp_path)
+    result = apply_recipe("prune+cluster+qat4", base_path, dataset, config, tmp_path,
+                          start=("prune+cluster", clustered["model_path"]))
+    before = kernels(load_optimized(clustered["model_path"]))
+    after = kernels(load_optimized(result["model_path"]))
+    convs = [name for name, kernel in before.items() if kernel.ndim == 4]
+    assert convs
+    for name in convs:
+        np.testing.assert_array_equal(after[name] == 0, before[name] == 0)
+        assert np.unique(after[name]).size <= np.unique(before[name]).size
+    assert any(not np.array_equal(after[name], before[name]) for name in convs)
+
+
+def test_qat_and_qat4_are_not_combined():
+    with pytest.raises(TechniqueError, match="trained for one of them"):
+        parse_recipe("qat+qat4")

@@ -216,9 +216,10 @@ def tfmot_errors(technique: str, layer=None):
 
 
 # The registry. Imported here, after the shared helpers above that the modules use.
-from pipeline.techniques import clustering, distillation, pruning, qat  # noqa: E402
+from pipeline.techniques import clustering, distillation, pruning, qat, qat4  # noqa: E402
 
-TECHNIQUES = {"distill": distillation, "prune": pruning, "cluster": clustering, "qat": qat}
+TECHNIQUES = {"distill": distillation, "prune": pruning, "cluster": clustering, "qat": qat,
+              "qat4": qat4}
 
 
 def parse_recipe(recipe: str) -> tuple[str, ...]:
@@ -233,6 +234,9 @@ def parse_recipe(recipe: str) -> tuple[str, ...]:
                              f"{', '.join(TECHNIQUES)}")
     if len(set(names)) != len(names):
         raise TechniqueError(f"recipe {recipe!r} repeats a technique")
+    if "qat" in names and "qat4" in names:
+        raise TechniqueError(f"recipe {recipe!r}: qat trains for int8 and qat4 for int4; "
+                             "a model is trained for one of them")
     return tuple(sorted(names, key=OPTIMIZATION_ORDER.index))
 
 
