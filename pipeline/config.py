@@ -70,11 +70,11 @@ class PipelineConfig:
     # Training-time techniques
     finetune_epochs: int = setting(2, "Clustering and QAT fine-tuning epochs", minimum=1,
                                    maximum=100)
-    prune_epochs: int = setting(4, "Pruning epochs: sparsity ramps up, then the model recovers",
+    prune_epochs: int = setting(8, "Pruning epochs: sparsity ramps up, then the model recovers",
                                 minimum=1, maximum=100)
     prune_sparsity: float = setting(0.91, "Pruning target of the largest kernel (smaller kernels "
                                     "get less)", exclusiveMinimum=0, exclusiveMaximum=1)
-    prune_block: int = setting(4, "Dense weights are pruned in runs of this many inputs (1 = one "
+    prune_block: int = setting(16, "Dense weights are pruned in runs of this many inputs (1 = one "
                                "by one)", minimum=1, maximum=64)
     prune_structured: bool = setting(False, "2:4 structured sparsity instead of unstructured")
     sparse_storage: bool = setting(False, "Store pruned variants' weights sparse (converter "

@@ -128,7 +128,7 @@ def test_prune_reaches_the_target_sparsity(base_path, dataset, config, tmp_path)
             assert abs(sparsity - targets[name]) <= 0.02, (name, sparsity)
         else:
             assert sparsity == 0.0, (name, sparsity)
-    for name in ("dense", "dense_1"):  # dense kernels [in, out]: zeros in runs of 4 inputs
+    for name in ("dense", "dense_1"):  # dense kernels [in, out]: zeros in runs of prune_block inputs
         zeros = (kernels(model)[name] == 0).reshape(-1, config.prune_block, kernels(model)[name].shape[1])
         assert np.all(zeros.all(axis=1) | ~zeros.any(axis=1)), name
     assert result["sparsity"] >= 0.95 * TARGET_SPARSITY  # the dense head holds most weights

@@ -9,7 +9,11 @@ the target). Small kernels hold few of the weights but much of the accuracy, so 
 hard buys little size and costs the most accuracy (TF-MOT's guide: prune the large layers).
 Dense kernels are pruned in blocks of `config.prune_block` consecutive input weights of one
 output unit: LiteRT stores a fully-connected kernel as [out, in], so a block is a run of zero bytes
-in the file, which gzip stores in a few bits where scattered zeros cost about one bit each.
+in the file, which gzip stores in a few bits where scattered zeros cost about one bit each, and
+the nonzero weights between the runs come in longer literal strings. On the default CNN at 0.91,
+runs of 16 against runs of 4 (4 pruning epochs each): the pruned model's int8 file 28.3x against
+23.4x smaller gzipped than float32, at the same accuracy (-1.13 / -1.12 pts). Eight pruning epochs
+instead of four won back 0.15 pts at runs of 16 (-0.98).
 Structured (`config.prune_structured`): 2:4 sparsity (two zeros in every group of four
 weights along the input-channel axis, the pattern sparse kernels accelerate), i.e. 50% sparsity
 whatever `prune_sparsity` says.
