@@ -214,7 +214,8 @@ def test_a_keras3_model_gets_every_technique(small_dataset, tmp_path):
     model.fit(data.x_train, data.y_train, epochs=3, batch_size=32, verbose=0)
     model.save(tmp_path / "user.keras")
 
-    variants = ["float32", "prune-int8", "cluster-dynamic", "qat-int8", "distill-dynamic"]
+    variants = ["float32", "prune-int8", "cluster-dynamic", "qat-int8", "distill-dynamic",
+                "cluster+qat4-int4"]
     config = {"model_path": str(tmp_path / "user.keras"), "dataset": str(folder),
               "variants": variants, "prune_epochs": 1, "finetune_epochs": 1, "distill_epochs": 1,
               "latency_runs": 10, "latency_warmup": 2, "calibration_samples": 32,

@@ -1,4 +1,5 @@
-"""Training-time compression techniques (TF Model Optimization), one module each, one interface:
+"""Training-time compression techniques (TF Model Optimization; qat4 is our own small Keras
+wrapper, TF-MOT's QAT being int8 only), one module each, one interface:
 
     NAME: str
     apply(model, dataset, config, *, applied: tuple[str, ...]) -> model
