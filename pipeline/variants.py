@@ -92,12 +92,13 @@ def parse_variant(name: str) -> Variant:
     return Variant(optimizations, mode)
 
 
-def qat_problem(optimizations: tuple[str, ...], mode: str) -> str:
-    """Why quantization-aware training does not fit this combination ('' when it does)."""
+def qat_problem(optimizations, mode: str | None = None) -> str:
+    """Why quantization-aware training does not fit these optimizations (and `mode`, if given);
+    '' when it does."""
     trained = [o for o in optimizations if o in QAT_MODES]
     if len(trained) > 1:
         return "qat trains for int8 and qat4 for int4; a model is trained for one of them"
-    if trained and mode != QAT_MODES[trained[0]]:
+    if mode is not None and trained and mode != QAT_MODES[trained[0]]:
         target = QAT_MODES[trained[0]]
         return (f"{trained[0]} trains the model for {target}; converting it to {mode} throws "
                 f"that training away: use {'+'.join(optimizations)}-{target}")

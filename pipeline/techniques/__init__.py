@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.files import atomic_path, save_array
 from pipeline.sources.models import flat_layers, load_model, model_kind, predict_classes, tf_keras
 from pipeline.techniques.train import compile_classifier, cosine_schedule, fit, set_seed
-from pipeline.variants import OPTIMIZATION_ORDER
+from pipeline.variants import OPTIMIZATION_ORDER, qat_problem
 
 
 class TechniqueError(ValueError):
@@ -235,9 +235,9 @@ def parse_recipe(recipe: str) -> tuple[str, ...]:
                              f"{', '.join(TECHNIQUES)}")
     if len(set(names)) != len(names):
         raise TechniqueError(f"recipe {recipe!r} repeats a technique")
-    if "qat" in names and "qat4" in names:
-        raise TechniqueError(f"recipe {recipe!r}: qat trains for int8 and qat4 for int4; "
-                             "a model is trained for one of them")
+    problem = qat_problem(names)
+    if problem:
+        raise TechniqueError(f"recipe {recipe!r}: {problem}")
     return tuple(sorted(names, key=OPTIMIZATION_ORDER.index))
 
 

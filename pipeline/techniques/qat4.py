@@ -39,14 +39,6 @@ LEVELS = (-8, 7)   # signed int4
 MAX_LEVEL = 7      # symmetric: the largest magnitude maps to +-7
 
 
-def int4_grid(kernel: np.ndarray) -> np.ndarray:
-    """A Dense kernel ([..., out]) rounded as the int4 mode rounds it, back in float32."""
-    flat = kernel.reshape(-1, kernel.shape[-1])
-    scale = np.maximum(np.abs(flat).max(axis=0), 1e-9) / MAX_LEVEL
-    snapped = np.clip(np.rint(flat / scale), *LEVELS) * scale
-    return snapped.astype(kernel.dtype).reshape(kernel.shape)
-
-
 def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     keras = tf_keras()
     model = techniques.fuse_layers(model)
@@ -97,7 +89,6 @@ def _wrapper_classes():
 
             def __init__(self, layer, keep_zeros: bool = False, **kwargs):
                 super().__init__(layer, name=kwargs.pop("name", f"{NAME}_{layer.name}"), **kwargs)
-                self.keep_zeros = keep_zeros
                 self._mask = (layer.kernel.numpy() != 0).astype(np.float32) if keep_zeros else None
 
             def kernel_tensor(self):
@@ -121,22 +112,24 @@ def _wrapper_classes():
             def compute_output_shape(self, input_shape):
                 return self.layer.compute_output_shape(input_shape)
 
-            def get_config(self):
-                return {**super().get_config(), "keep_zeros": self.keep_zeros}
-
         class Int4Weights(KernelWrapper):
             """The kernel seen through int4 rounding (straight-through)."""
 
-            def kernel_tensor(self):
+            def rounded(self):
+                """The kernel as the int4 mode stores it (tf.round, like np.rint, rounds half
+                to even), in float32."""
                 kernel = self.layer.kernel
                 flat = tf.reshape(kernel, (-1, kernel.shape[-1]))
                 scale = tf.maximum(tf.reduce_max(tf.abs(flat), axis=0), 1e-9) / MAX_LEVEL
-                scale = tf.stop_gradient(scale)
-                rounded = tf.clip_by_value(tf.round(kernel / scale), *LEVELS) * scale
-                return kernel + tf.stop_gradient(rounded - kernel)
+                return tf.clip_by_value(tf.round(kernel / scale), *LEVELS) * scale
+
+            def kernel_tensor(self):
+                kernel = self.layer.kernel
+                return kernel + tf.stop_gradient(self.rounded() - kernel)
 
             def kernel_value(self) -> np.ndarray:
-                value = int4_grid(self.layer.kernel.numpy())
+                # The rounded values themselves: kernel + (rounded - kernel) may be 1 ulp off.
+                value = self.rounded().numpy()
                 return value * self._mask if self._mask is not None else value
 
         class SharedValues(KernelWrapper):
