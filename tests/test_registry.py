@@ -171,6 +171,36 @@ def test_registered_pyfunc_predicts_like_the_interpreter(served, tflite_int8, im
     assert not any("tensorflow" in p or "keras" in p for p in packages)
 
 
+def test_versions_carry_a_model_card_and_their_metrics_as_numbers(store, tflite_int8, images):
+    client, served = MlflowClient(), "carded"
+    parent_run_id, child_run_id = pipeline_runs(store)
+    result = {"variant": "int8", "quantization": "int8", "optimizations": "", "status": "ok",
+              "accuracy": 0.9, "accuracy_delta_pts": -0.1, "size_bytes": 2000,
+              "gzip_size_bytes": 1000, "compression_ratio": 4.0, "gzip_compression_ratio": 5.0,
+              "latency_ms_p50": 0.5, "latency_ms_p90": 0.6, "peak_memory_mb": 30.0,
+              "child_run_id": child_run_id, "tflite_path": str(tflite_int8)}
+    selection = Selection(champion="int8", passed=["int8"], rejected={}, pareto=["int8"],
+                          objective="gzip_size", reason="int8: smallest gzip size")
+    config = PipelineConfig.from_mapping({"registered_model_name": served}, use_env=False)
+    register_champion(selection, [result], config, parent_run_id=parent_run_id,
+                      input_example=images[:2], class_names=CLASS_NAMES)
+    version = client.get_model_version(served, "1")
+    card = version.description
+    assert card.startswith(f"# `int8`: version 1 of `{served}`")
+    assert "**Champion decision:** champion: first champion of this registered model" in card
+    assert "full integer: int8 weights and activations" in card
+    assert "| gzip size " in card and "1,000 B" in card and "0.9000" in card
+    assert "passed, 1 of 1 passing variants by smallest gzip size" in card
+    assert f"make serve MODEL=models:/{served}/1" in card
+    description = client.get_registered_model(served).description
+    assert "**Classes (4):** `zero`, `one`, `two`, `three`" in description
+    # MLflow 3: the version's source is a logged model, whose metrics are numbers
+    model_id = version.source.removeprefix("models:/")
+    metrics = {m.key: m.value for m in client.get_logged_model(model_id).metrics}
+    assert metrics["accuracy"] == 0.9 and metrics["gzip_size_bytes"] == 1000.0
+    assert metrics["latency_ms_p50"] == 0.5 and "sparsity" not in metrics   # not measured
+
+
 def test_champion_moves_only_to_better_versions_and_rolls_back(store, tflite_int8, images):
     name, client = "lifecycle", MlflowClient()
     common = {"tflite_path": tflite_int8, "images": images}

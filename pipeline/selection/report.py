@@ -5,13 +5,15 @@ Selection; the caller logs them as the parent run's `report/summary.md` and `rep
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
 from pipeline.files import atomic_path
-from pipeline.selection.select import PARETO_METRICS, Selection, finite_number, objective_value
+from pipeline.selection.select import (OBJECTIVE_METRICS, PARETO_METRICS, Selection, finite_number,
+                                       objective_value)
 
 COLUMNS = ("variant", "accuracy", "delta (pts)", "size", "gzip size", "ratio", "gzip ratio",
            "latency p50 (ms)", "peak mem (MB)", "gates", "pareto", "champion")
@@ -83,6 +85,8 @@ def summary_markdown(results: list[dict[str, Any]], selection: Selection) -> str
         + (f", {skipped} skipped: they cannot apply to this model" if skipped else "") + ")  \n"
         f"**Pareto front** (accuracy, gzip size, p50 latency): "
         f"{', '.join(f'`{n}`' for n in selection.pareto) or 'empty'}\n\n"
+        + "".join(f"**Note:** {_escape(note)}  \n" for note in selection.notes)
+        + ("\n" if selection.notes else "")
         + terminal_table(results, selection)
     )
 
@@ -272,3 +276,104 @@ def _shorten(text: str) -> str:
 def _escape(text: str) -> str:
     """Keep a cell inside its table: no pipes, no newlines."""
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def verdict(result: dict[str, Any], selection: Selection) -> str:
+    """One line on what became of a variant: the description of its child run."""
+    name = result["variant"]
+    status = result.get("status")
+    if status in ("failed", "skipped"):
+        return f"{status}: {' '.join(str(result.get('error') or 'unknown error').split())}"
+    if name == selection.champion:
+        return f"passed the gates; champion of this run ({selection.reason})"
+    if name in selection.passed:
+        place = selection.passed.index(name) + 1
+        return (f"passed the gates ({place} of {len(selection.passed)} by "
+                f"{OBJECTIVE_METRICS[selection.objective][2]}); not the champion")
+    return "rejected: " + "; ".join(selection.rejected.get(name, ["not evaluated"]))
+
+
+def class_metric_names(class_names: list[str]) -> list[str]:
+    """`accuracy_class_<name>` per class, the name reduced to what MLflow metric keys allow
+    (letters, digits, underscores); the class index is appended where two names would clash."""
+    safe = [re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "class" for name in class_names]
+    return [f"accuracy_class_{s}" + (f"_{index}" if safe.count(s) > 1 else "")
+            for index, s in enumerate(safe)]
+
+
+# Largest class count whose names and counts are written on the confusion matrix's axes/cells.
+CONFUSION_LABELLED_CLASSES = 40
+CONFUSION_COUNTED_CLASSES = 20
+
+
+def confusion_plot(confusion: list[list[int]], class_names: list[str], path: str | Path,
+                   title: str = "Confusion matrix (test set)") -> Path:
+    """The confusion matrix as a PNG at `path` (written atomically): true classes down, predicted
+    across, each cell coloured by its share of the true class's images and labelled with its
+    count (up to CONFUSION_COUNTED_CLASSES classes)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(confusion, dtype=np.int64)
+    classes = len(class_names)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(4.0 + 0.45 * classes, 16.0)
+    fig = Figure(figsize=(side + 1.5, side), dpi=100)
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_title(title)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if classes <= CONFUSION_LABELLED_CLASSES:
+        ax.set_xticks(range(classes), labels=class_names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(classes), labels=class_names, fontsize=8)
+    if classes <= CONFUSION_COUNTED_CLASSES:
+        for true, predicted in np.ndindex(counts.shape):
+            ax.text(predicted, true, str(counts[true, predicted]), ha="center", va="center",
+                    fontsize=7, color="white" if shares[true, predicted] > 0.5 else "black")
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+# Bar colours by the precision a layer's weights get.
+PRECISION_COLOURS = {"int4": "tab:orange", "int8": "tab:blue", "int16x8": "tab:purple",
+                     "float16": "tab:green", "float32": "tab:grey"}
+
+
+def sensitivity_plot(rows: list[dict[str, Any]], path: str | Path, title: str,
+                     placement: dict[str, str] | None = None) -> Path:
+    """The per-layer sensitivity table as a bar chart (PNG at `path`, written atomically): each
+    weighted layer's output SNR when quantized alone, in graph order (lower = more sensitive),
+    bars coloured by the precision its weights get: the mixed model's `placement` when given,
+    else what the mode gives the layer."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    layers = [_middle(str(row.get("layer", ""))) for row in rows]
+    values = [finite_number(row.get("output_snr_db")) for row in rows]
+    precisions = [(placement or {}).get(str(row.get("layer", "")), row.get("quantization", ""))
+                  for row in rows]
+    fig = Figure(figsize=(10, 1.5 + 0.35 * max(len(rows), 1)), dpi=100)
+    ax = fig.add_subplot()
+    positions = list(range(len(rows)))
+    ax.barh(positions, [v if v is not None else 0.0 for v in values],
+            color=[PRECISION_COLOURS.get(str(p), "tab:red") for p in precisions])
+    for position, value in zip(positions, values):
+        ax.annotate("not measured" if value is None else f"{value:.1f}", (value or 0.0, position),
+                    xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+    ax.set_yticks(positions, labels=layers, fontsize=7)
+    ax.invert_yaxis()  # graph order, first layer on top
+    ax.set_xlabel("model output SNR with this layer quantized alone (dB; lower = more sensitive)")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    shown = sorted({str(p) for p in precisions}, key=str)
+    ax.legend(handles=[Patch(color=PRECISION_COLOURS.get(p, "tab:red"), label=p or "?")
+                       for p in shown], loc="lower right", fontsize=8,
+              title="mixed placement" if placement is not None else "weights")
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)

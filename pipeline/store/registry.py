@@ -27,6 +27,7 @@ import importlib.metadata
 import logging
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,7 +59,9 @@ SERVING_MODULES = ("__init__.py", "errors.py", "selection/__init__.py", "selecti
                    "store/registry.py")
 SERVING_PACKAGES = ("ai-edge-litert", "numpy", "pandas")
 PYFUNC_NAME = "tflite_pyfunc"
-# Copied from the variant's result onto its model version, next to the identity tags.
+# Copied from the variant's result onto its model version as tags (strings: the champion
+# decision compares the current champion's), and as numbers onto its logged model (MLflow 3's
+# metrics of a model, shown with the version's source model).
 METRIC_TAGS = ("accuracy", "accuracy_delta_pts", "size_bytes", "gzip_size_bytes",
                "compression_ratio", "gzip_compression_ratio", "latency_ms_p50", "latency_ms_p90",
                "peak_memory_mb", "sparsity", "unique_weights_max")
@@ -141,8 +144,7 @@ def serving_requirements() -> list[str]:
 def register_champion(selection: Selection | dict,
                       results: list[dict[str, Any]] | dict[str, dict[str, Any]],
                       config: "PipelineConfig", *, parent_run_id: str,
-                      airflow_run_id: str | None = None, dataset_path: str | Path | None = None,
-                      input_example: Any = None, class_names: list[str] | None = None,
+                      airflow_run_id: str | None = None, input_example: Any = None, class_names: list[str] | None = None,
                       extra_tags: dict[str, str] | None = None,
                       client: MlflowClient | None = None) -> dict[str, Any]:
     """Register the selection's champion variant as a new version of
@@ -153,8 +155,8 @@ def register_champion(selection: Selection | dict,
     `results`: the benchmark results, as a list or keyed by variant name. The pyfunc model is
     logged into the variant's child run (`child_run_id`) from `tflite_path`, or from the child
     run's `model/model.tflite` when that file is not on this machine (another worker wrote it).
-    Its input example and class names come from `input_example` / `class_names`, else from the
-    prepared dataset at `dataset_path` (a few test images, the dataset's class names).
+    Its input example and class names are `input_example` (a few test images; default one black
+    image) and `class_names`.
     `extra_tags` go onto the new version too (e.g. the URI of the float model it came from).
     `client` must talk to the same tracking server as the fluent API.
 
@@ -184,14 +186,8 @@ def register_champion(selection: Selection | dict,
             tags["airflow_run_id"] = airflow_run_id
         tags.update(extra_tags or {})
         tags.update({k: str(result[k]) for k in METRIC_TAGS if result.get(k) is not None})
-        if dataset_path is not None and (input_example is None or class_names is None):
-            from pipeline.sources.data import Dataset  # registration only; the served model needs no data
-
-            dataset = Dataset.load(dataset_path)
-            if input_example is None:
-                input_example = dataset.x_test[:EXAMPLE_IMAGES]
-            class_names = class_names or dataset.class_names
         model_info = _log_variant_model(result, run_id, input_example, class_names)
+        _log_model_metrics(client, run_id, model_info.model_id, result)
         try:
             client.create_registered_model(name)
         except MlflowException as error:
@@ -208,6 +204,7 @@ def register_champion(selection: Selection | dict,
     promote_it, decision = _champion_decision(client, name, version, result, config)
     if promote_it:
         client.set_registered_model_alias(name, CHAMPION, version.version)
+    _write_model_cards(client, name, version, result, selection, config, decision, class_names)
     client.set_model_version_tag(name, version.version, "champion_decision", decision)
     return _summary(client, name, version, decision, reused)
 
@@ -250,6 +247,82 @@ def _log_variant_model(result, run_id, input_example, class_names) -> "ModelInfo
             return log_tflite_pyfunc(tflite_path, input_example, PYFUNC_NAME, class_names)
         with mlflow.start_run(run_id=run_id, nested=active is not None):
             return log_tflite_pyfunc(tflite_path, input_example, PYFUNC_NAME, class_names)
+
+
+def _log_model_metrics(client, run_id: str, model_id: str | None, result) -> None:
+    """The variant's measurements as metrics of its logged model (numbers, unlike tags)."""
+    from mlflow.entities import Metric
+    if not model_id:
+        return
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(value), now, 0, model_id=model_id) for k in METRIC_TAGS
+               if (value := finite_number(result.get(k))) is not None]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
+
+
+def _write_model_cards(client, name, version, result, selection, config, decision,
+                       class_names) -> None:
+    """The version's model card and the registered model's description (what it classifies),
+    from what the pipeline run recorded (written before `champion_decision`: a retry rewrites
+    them)."""
+    from pipeline.selection.model_card import registered_model_description, version_card
+    tags = client.get_model_version(name, version.version).tags
+    lineage = _lineage(client, tags.get("parent_run_id"))
+    child_run_id = tags.get("child_run_id") or version.run_id
+    run_tags = client.get_run(child_run_id).data.tags if child_run_id else {}
+    evaluation = _run_json(client, child_run_id, "evaluation.json") or {}
+    per_class = evaluation.get("per_class_accuracy") or None
+    card = version_card(result, selection, config, name=name, version=version.version,
+                        decision=decision, lineage=lineage, run_tags=run_tags,
+                        per_class_accuracy=per_class,
+                        float_model_uri=tags.get("float_model_uri"))
+    client.update_model_version(name, version.version, description=card)
+    client.update_registered_model(name, description=registered_model_description(
+        name, class_names or (list(per_class) if per_class else None),
+        lineage.params.get("input_shape"), lineage))
+
+
+def _lineage(client, parent_run_id: str | None):
+    """The parent run's params, tags, metrics and dataset inputs (empty when it is gone)."""
+    from pipeline.selection.model_card import Lineage
+    if not parent_run_id:
+        return Lineage()
+    try:
+        run = client.get_run(parent_run_id)
+    except MlflowException:
+        return Lineage()
+    datasets = [{"name": item.dataset.name, "digest": item.dataset.digest,
+                 "source": _dataset_source(item.dataset),
+                 "context": next((t.value for t in item.tags if t.key == "mlflow.data.context"),
+                                 "")}
+                for item in (run.inputs.dataset_inputs if run.inputs else [])]
+    return Lineage(params=dict(run.data.params), tags=dict(run.data.tags),
+                   metrics=dict(run.data.metrics), datasets=datasets)
+
+
+def _dataset_source(dataset) -> str:
+    """Where a logged dataset came from: the URI or path in its source JSON, else its type."""
+    import json
+    try:
+        source = json.loads(dataset.source)
+    except (TypeError, ValueError):
+        return str(dataset.source or dataset.source_type or "")
+    if isinstance(source, dict):
+        for key in ("uri", "url", "path"):
+            if source.get(key):
+                return str(source[key])
+    return str(dataset.source_type or "")
+
+
+def _run_json(client, run_id: str | None, artifact_file: str) -> Any | None:
+    """A JSON artifact of a run read through `client`, or None when the run has none."""
+    import json
+    if not run_id or artifact_file not in {f.path for f in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as download_dir:
+        return json.loads(Path(client.download_artifacts(run_id, artifact_file, download_dir))
+                          .read_text())
 
 
 def _champion_decision(client, name, version, result, config) -> tuple[bool, str]:
