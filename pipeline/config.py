@@ -12,7 +12,7 @@ from pipeline.errors import PipelineInputError
 from pipeline.variants import DEFAULT_VARIANTS, parse_variants
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-OBJECTIVES = ("gzip_size", "latency", "memory")
+OBJECTIVES = ("size_within_latency", "gzip_size", "latency", "memory")
 # "auto" flips Fashion-MNIST (clothes are left-right symmetric) and nothing else: a flipped digit
 # or letter is another class or none.
 AUGMENTATIONS = ("auto", "flip", "none")
@@ -108,8 +108,16 @@ class PipelineConfig:
                                            exclusiveMinimum=0)
     max_peak_memory_mb: float | None = setting(None, "Optional gate: the largest peak memory in "
                                                "MB", exclusiveMinimum=0)
-    objective: str = setting("gzip_size", "What the champion minimises among the variants that "
-                             "pass the gates", enum=list(OBJECTIVES))
+    max_latency_ratio: float | None = setting(1.1, "Gate: a variant's p50 latency (batch 1) may "
+                                              "not exceed the float32 variant's x this (+0.02 "
+                                              "ms of noise slack); 0 = off", minimum=0)
+    max_memory_ratio: float | None = setting(1.25, "Gate: a variant's peak memory may not exceed "
+                                             "the float32 variant's x this (+1.5 MB of noise "
+                                             "slack); 0 = off", minimum=0)
+    objective: str = setting("size_within_latency", "What the champion minimises among the "
+                             "variants that pass the gates: size_within_latency = the smallest "
+                             "gzip size among those not slower than float32 (ties: faster "
+                             "first)", enum=list(OBJECTIVES))
     champion_accuracy_tolerance_pts: float = setting(
         0.1, "A new champion may be this many points less accurate than the current one",
         minimum=0, maximum=100)
