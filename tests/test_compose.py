@@ -3,7 +3,10 @@
 Each rule is a small checker returning the problems it finds in a parsed compose file (or a
 Dockerfile's text). A test runs it on the real file and expects nothing, then breaks a copy on
 purpose and expects the checker to say so, so no rule passes by being unable to fail.
-Where the `docker compose` plugin exists, `docker compose config` validates the file as well.
+Where the `docker compose` plugin exists, `docker compose config` validates the file as well, and
+where Docker Hub answers, every image the stack pulls (compose `image:`s and Dockerfile `FROM`s) is
+looked up in the registry (its v2 API, an anonymous pull token): a tag that is no longer published
+fails the test instead of `docker compose up`.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ import stat
 import subprocess
 import sys
 import tempfile
+import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,7 +34,10 @@ COMPOSE_FILE = DOCKER / "docker-compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 DOCKERFILE = DOCKER / "Dockerfile"
 MLFLOW_DOCKERFILE = DOCKER / "mlflow" / "Dockerfile"
-CELERY_REQUIREMENTS = ROOT / "requirements-celery.txt"
+MLFLOW_LOCK = DOCKER / "mlflow" / "requirements.lock"
+LOCK = ROOT / "requirements.lock"
+CONSTRAINTS = ROOT / "constraints.txt"
+PYPROJECT = ROOT / "pyproject.toml"
 INIT_DB_SQL = DOCKER / "postgres" / "init-db.sql"
 AIRFLOW_INIT = DOCKER / "airflow-init.sh"
 MAKE_ENV = DOCKER / "make-env.sh"
@@ -38,7 +47,9 @@ AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "a
 WORKER_SERVICES = {"airflow-worker": "default", "airflow-worker-training": "training"}
 # The DAG's queues (DESIGN: Celery topology): train and optimize on `training`, the rest on `default`.
 QUEUES = ("training", "default")
-ONE_SHOT_SERVICES = {"airflow-init", "minio-init"}
+ONE_SHOT_SERVICES = {"airflow-init", "s3-init"}
+# Repositories whose images are no longer published: MinIO stopped publishing images in 2025.
+UNPUBLISHED_REPOSITORIES = ("minio/",)
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|FERNET")
 
 # Compose interpolation: `$$` escapes a dollar; `${VAR}`, `${VAR:-default}`, `${VAR-default}`,
@@ -176,6 +187,66 @@ def unpinned_images(compose: dict) -> list[str]:
     return problems
 
 
+def unpublished_images(compose: dict) -> list[str]:
+    """Images from repositories that no longer publish them (`docker compose up` fails at the pull)."""
+    return [f"{name}: {service['image']!r} is no longer published" for name, service in compose["services"].items()
+            if str(service.get("image", "")).startswith(UNPUBLISHED_REPOSITORIES)]
+
+
+def pulled_images(compose: dict) -> set[str]:
+    """What the stack pulls from a registry: compose images without a build, Dockerfile bases."""
+    images = {str(service["image"]) for service in compose["services"].values()
+              if service.get("image") and not service.get("build")}
+    for dockerfile in (DOCKERFILE, MLFLOW_DOCKERFILE):
+        images |= set(re.findall(r"^FROM\s+(?:--\S+\s+)*(\S+)", dockerfile.read_text(), re.M))
+    return images
+
+
+def image_reference(image: str) -> tuple[str, str, str]:
+    """(registry host, repository, tag or digest) of an image name as Docker resolves it."""
+    name, digest_sep, digest = image.partition("@")
+    first, slash, rest = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        registry, path = first, rest
+    else:
+        registry, path = "registry-1.docker.io", name
+        if "/" not in path:
+            path = "library/" + path
+    repository, colon, tag = path.rpartition(":") if ":" in path.rsplit("/", 1)[-1] else (path, "", "latest")
+    return registry, repository, digest if digest_sep else tag
+
+
+class RegistryUnreachable(Exception):
+    """The registry did not answer (no network): the image could not be checked."""
+
+
+def published_in_registry(image: str, timeout: float = 15) -> bool:
+    """Whether Docker Hub serves a manifest for `image` (v2 API, anonymous pull token)."""
+    registry, repository, reference = image_reference(image)
+    if registry != "registry-1.docker.io":
+        raise RegistryUnreachable(f"{registry}: only Docker Hub is checked")
+    try:
+        token_url = ("https://auth.docker.io/token?service=registry.docker.io"
+                     f"&scope=repository:{repository}:pull")
+        with urllib.request.urlopen(token_url, timeout=timeout) as response:
+            token = json.loads(response.read())["token"]
+        request = urllib.request.Request(
+            f"https://{registry}/v2/{repository}/manifests/{reference}", method="HEAD",
+            headers={"Authorization": f"Bearer {token}", "Accept": ", ".join((
+                "application/vnd.oci.image.index.v1+json",
+                "application/vnd.docker.distribution.manifest.list.v2+json",
+                "application/vnd.oci.image.manifest.v1+json",
+                "application/vnd.docker.distribution.manifest.v2+json"))})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 404):  # 401: the repository does not exist (no pull scope granted)
+            return False
+        raise RegistryUnreachable(f"HTTP {error.code} from the registry") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise RegistryUnreachable(str(getattr(error, "reason", error))) from None
+
+
 def undefined_variables(text: str, env: dict[str, str]) -> set[str]:
     """Variables the compose text needs (no default given) that the env file does not define."""
     return {name for name, op in variable_references(text)
@@ -296,14 +367,19 @@ def mlflow_problems(compose: dict) -> list[str]:
     if store.scheme != "postgresql" or store.hostname != "postgres" or store.path != "/mlflow":
         problems.append("mlflow: --backend-store-uri is not the mlflow database on the postgres service")
     endpoint = urlsplit(as_dict(mlflow.get("environment")).get("MLFLOW_S3_ENDPOINT_URL", ""))
-    if endpoint.hostname != "minio" or "minio" not in services or endpoint.port != 9000:
-        problems.append("mlflow: MLFLOW_S3_ENDPOINT_URL is not the minio service's S3 port")
+    s3_args = command_args(services.get("seaweedfs", {}))
+    s3_port = next((arg.partition("=")[2] for arg in s3_args if arg.startswith("-s3.port=")), "8333")
+    if endpoint.hostname != "seaweedfs" or "-s3" not in s3_args or str(endpoint.port) != s3_port:
+        problems.append("mlflow: MLFLOW_S3_ENDPOINT_URL is not the seaweedfs service's S3 port")
     if "mlflow:" + option("--port") not in option("--allowed-hosts").split(","):
         problems.append("mlflow: --allowed-hosts does not admit the in-network name the workers use")
-    bucket_script = "\n".join(command_args(services.get("minio-init", {})) or [])
-    bucket = as_dict(services.get("minio-init", {}).get("environment")).get("MLFLOW_BUCKET")
-    if "mc mb --ignore-existing" not in bucket_script or bucket != destination.netloc:
-        problems.append("minio-init does not create the artifacts bucket idempotently")
+    init = services.get("s3-init", {})
+    init_args = command_args(init)
+    bucket_uri = next((arg for arg in init_args if arg.startswith("s3://")), "")
+    init_endpoint = as_dict(init.get("environment")).get("MLFLOW_S3_ENDPOINT_URL")
+    if init_args[:4] != ["python", "-m", "pipeline.store.s3", "ensure-bucket"] \
+            or urlsplit(bucket_uri).netloc != destination.netloc or init_endpoint != endpoint.geturl():
+        problems.append("s3-init does not create the artifacts bucket (ensure-bucket) on the same endpoint")
     return problems
 
 
@@ -361,26 +437,34 @@ def scale_blockers(service: dict) -> list[str]:
     return problems
 
 
-def dockerfile_problems(text: str) -> list[str]:
-    """The Airflow image: pinned base, same requirements, dataset, environment, code, non-root."""
+def dockerfile_problems(text: str, airflow_version: str) -> list[str]:
+    """The Airflow image: the official Airflow image of the locked version as its base, the hashed
+    lock, the project without unlocked dependencies, the dataset, the environment, the official
+    image's user and entrypoint kept."""
     problems = list(unpinned_from_lines(text))
-    if not re.search(r"^COPY\s+.*\brequirements\.txt\b", text, re.M):
-        problems.append("requirements.txt is not copied")
-    if not re.search(r"pip install\b[^\n]*-r \S*/requirements\.txt\b", text):
-        problems.append("requirements.txt is not installed with pip install -r")
-    if not re.search(r"pip install\b[^\n]*-r \S*/requirements-celery\.txt\b", text):
-        problems.append("requirements-celery.txt is not installed")
+    bases = re.findall(r"^FROM\s+(?:--\S+\s+)*(\S+)", text, re.M)
+    if not bases or not re.fullmatch(rf"apache/airflow:{re.escape(airflow_version)}-python3\.1[1-3]", bases[-1]):
+        problems.append(f"the base is not the official apache/airflow:{airflow_version}-pythonX.Y image")
+    if not re.search(r"^COPY\s+.*\brequirements\.lock\b", text, re.M):
+        problems.append("requirements.lock is not copied")
+    if not re.search(r"pip install\b[^\n]*--require-hashes[^\n]*-r \S*requirements\.lock\b", text):
+        problems.append("requirements.lock is not installed with --require-hashes")
+    for command in re.findall(r"pip install\b[^\n]*", text):
+        if "--require-hashes" not in command and "--no-deps" not in command:
+            problems.append(f"unlocked install: {command.strip()}")
     if not re.search(r"apt-get install\b[^\n]*\bdataset-fashion-mnist\b", text):
         problems.append("dataset-fashion-mnist is not installed")
-    for setting in ("TF_USE_LEGACY_KERAS=1", "PYTHONPATH=", "AIRFLOW_HOME="):
+    for setting in ("TF_USE_LEGACY_KERAS=1", "AIRFLOW__CORE__DAGS_FOLDER="):
         if not re.search(rf"^\s*(ENV\s+)?{re.escape(setting)}", text, re.M):
             problems.append(f"{setting} is not set")
     for folder in ("dags", "pipeline", "plugin"):
         if not re.search(rf"^COPY\s+(--\S+\s+)*{folder}", text, re.M):
             problems.append(f"{folder}/ is not copied")
+    if re.search(r"^ENTRYPOINT\b", text, re.M):
+        problems.append("the official image's ENTRYPOINT is replaced")
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
-    if not users or users[-1] in ("root", "0", "0:0"):
-        problems.append("the image does not end as a non-root USER")
+    if not users or users[-1] != "airflow":
+        problems.append("the image does not end as the official image's user airflow")
     return problems
 
 
@@ -391,14 +475,41 @@ def unpinned_from_lines(text: str):
             yield f"FROM {image} is not pinned"
 
 
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.sub(r"\[.*\]", "", name)).strip().lower()
+
+
 def pins(path: Path) -> dict[str, str]:
+    """name -> version of every `name==version` line (a hashed lock's continuation lines skipped)."""
     found = {}
     for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
+        line = line.split("#", 1)[0].strip().rstrip("\\").strip()
+        if line and not line.startswith("--"):
             name, sep, version = line.partition("==")
-            found[re.sub(r"\[.*\]", "", name).strip().lower()] = version.strip() if sep else ""
+            found[canonical(name)] = version.strip() if sep else ""
     return found
+
+
+def lock_problems(lock_text: str, constraints: dict[str, str]) -> list[str]:
+    """A hashed lock: every entry pinned with `==` and hashed, at constraints.txt's version."""
+    problems = []
+    for entry in re.split(r"\n(?=[A-Za-z0-9])", lock_text):  # one entry per requirement
+        requirement = entry.split("\\", 1)[0].split("#", 1)[0].strip()
+        if not requirement:
+            continue
+        name, sep, version = requirement.partition("==")
+        if not sep:
+            problems.append(f"{requirement}: not pinned with ==")
+        elif "--hash=sha256:" not in entry:
+            problems.append(f"{requirement}: no hash")
+        elif canonical(name) in constraints and constraints[canonical(name)] != version.strip():
+            problems.append(f"{requirement}: constraints.txt pins {constraints[canonical(name)]}")
+    return problems
+
+
+def project_requirements(extras: tuple[str, ...] = ()) -> list[str]:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    return [*project["dependencies"], *(r for extra in extras for r in project["optional-dependencies"][extra])]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,7 +522,7 @@ def compose() -> dict:
 
 
 def test_expected_services(compose):
-    expected = AIRFLOW_SERVICES | ONE_SHOT_SERVICES | {"postgres", "redis", "minio", "mlflow"}
+    expected = AIRFLOW_SERVICES | ONE_SHOT_SERVICES | {"postgres", "redis", "seaweedfs", "mlflow"}
     assert expected <= set(compose["services"])
     assert {name for name, service in compose["services"].items() if is_one_shot(service)} == ONE_SHOT_SERVICES
 
@@ -427,8 +538,40 @@ def test_pulled_images_are_pinned(compose):
     assert unpinned_images(compose) == []
     broken = copy.deepcopy(compose)
     broken["services"]["redis"]["image"] = "redis:latest"
-    broken["services"]["minio"]["image"] = "minio/minio"
+    broken["services"]["seaweedfs"]["image"] = "chrislusf/seaweedfs"
     assert len(unpinned_images(broken)) == 2
+
+
+def test_no_image_from_a_repository_that_stopped_publishing(compose):
+    assert unpublished_images(compose) == []
+    broken = copy.deepcopy(compose)
+    broken["services"]["seaweedfs"]["image"] = "minio/minio:RELEASE.2025-09-07T16-13-09Z"
+    assert unpublished_images(broken) == [
+        "seaweedfs: 'minio/minio:RELEASE.2025-09-07T16-13-09Z' is no longer published"]
+
+
+@pytest.mark.parametrize("image, expected", [
+    ("postgres:16-bookworm", ("registry-1.docker.io", "library/postgres", "16-bookworm")),
+    ("chrislusf/seaweedfs:4.47", ("registry-1.docker.io", "chrislusf/seaweedfs", "4.47")),
+    ("apache/airflow:3.3.2-python3.11", ("registry-1.docker.io", "apache/airflow", "3.3.2-python3.11")),
+    ("redis", ("registry-1.docker.io", "library/redis", "latest")),
+    ("ghcr.io/org/app:1.0", ("ghcr.io", "org/app", "1.0")),
+    ("localhost:5000/app@sha256:abc", ("localhost:5000", "app", "sha256:abc")),
+])
+def test_image_references_resolve_as_docker_resolves_them(image, expected):
+    assert image_reference(image) == expected
+
+
+def test_every_pulled_image_is_published(compose):
+    """Each image the stack pulls, looked up in Docker Hub; skipped (with the reason) when the
+    registry does not answer, e.g. on a machine without internet access."""
+    images = pulled_images(compose)
+    assert {"postgres:16-bookworm", "redis:7.2-bookworm", "apache/airflow:3.3.2-python3.11"} <= images
+    try:
+        missing = [image for image in sorted(images) if not published_in_registry(image)]
+    except RegistryUnreachable as error:
+        pytest.skip(f"Docker Hub's registry API is unreachable from here ({error}): images not checked")
+    assert missing == []
 
 
 def test_every_variable_is_defined_in_env_example():
@@ -494,7 +637,7 @@ def test_dependencies_wait_for_health_or_success(compose):
     assert dependency_problems(compose) == []
     services = compose["services"]
     assert services["airflow-scheduler"]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
-    assert services["mlflow"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert services["mlflow"]["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
     assert services["airflow-worker"]["depends_on"]["airflow-apiserver"]["condition"] == "service_healthy"
     broken = copy.deepcopy(compose)
     broken["services"]["mlflow"]["depends_on"]["postgres"]["condition"] = "service_started"
@@ -505,7 +648,7 @@ def test_dependencies_wait_for_health_or_success(compose):
 def test_named_volumes_are_declared(compose):
     assert undeclared_named_volumes(compose) == []
     broken = copy.deepcopy(compose)
-    broken["volumes"].pop("minio-data")
+    broken["volumes"].pop("seaweedfs-data")
     broken["services"]["redis"]["volumes"] = ["redis-data:/data", "./local:/local"]
     assert len(undeclared_named_volumes(broken)) == 2
 
@@ -568,7 +711,7 @@ def test_published_ports_are_loopback_only(compose):
     assert non_loopback_ports(compose) == []
     published = {name: [parse_port(p)[2] for p in service.get("ports", [])]
                  for name, service in compose["services"].items() if service.get("ports")}
-    assert published == {"airflow-apiserver": ["8080"], "mlflow": ["5000"], "minio": ["9001"]}
+    assert published == {"airflow-apiserver": ["8080"], "mlflow": ["5000"]}
     broken = copy.deepcopy(compose)
     broken["services"]["mlflow"]["ports"] = ["5000:5000", {"target": 5000, "published": 5000}]
     broken["services"]["redis"]["ports"] = ["0.0.0.0:6379:6379"]
@@ -584,36 +727,67 @@ def test_workers_are_scalable(compose):
 
 
 def test_airflow_dockerfile():
-    assert dockerfile_problems(DOCKERFILE.read_text()) == []
+    airflow = pins(CONSTRAINTS)["apache-airflow"]
     good = DOCKERFILE.read_text()
-    assert dockerfile_problems(good.replace("FROM python:3.11-slim-bookworm", "FROM python:latest")) == [
-        "FROM python:latest is not pinned"]
-    assert dockerfile_problems(good.replace("FROM python:3.11-slim-bookworm", "FROM python")) == [
-        "FROM python is not pinned"]
-    without_requirements = re.sub(r"-r /tmp/requirements/requirements\.txt ", "", good)
-    assert dockerfile_problems(without_requirements) == ["requirements.txt is not installed with pip install -r"]
-    assert dockerfile_problems(good + "USER root\n") == ["the image does not end as a non-root USER"]
+    assert dockerfile_problems(good, airflow) == []
+    base = f"FROM apache/airflow:{airflow}-python3.11"
+    assert dockerfile_problems(good.replace(base, "FROM apache/airflow:latest"), airflow) == [
+        "FROM apache/airflow:latest is not pinned",
+        f"the base is not the official apache/airflow:{airflow}-pythonX.Y image"]
+    assert dockerfile_problems(good.replace(base, "FROM python:3.11-slim-bookworm"), airflow) == [
+        f"the base is not the official apache/airflow:{airflow}-pythonX.Y image"]
+    assert dockerfile_problems(good, "3.3.1") == ["the base is not the official apache/airflow:3.3.1-pythonX.Y image"]
+    unhashed = good.replace("--require-hashes ", "")
+    assert dockerfile_problems(unhashed, airflow) == [
+        "requirements.lock is not installed with --require-hashes",
+        "unlocked install: pip install --no-cache-dir -r /tmp/requirements.lock"]
+    assert dockerfile_problems(good + "USER root\n", airflow) == [
+        "the image does not end as the official image's user airflow"]
+    assert dockerfile_problems(good + 'ENTRYPOINT ["airflow"]\n', airflow) == [
+        "the official image's ENTRYPOINT is replaced"]
 
 
-def test_mlflow_dockerfile_reuses_the_repository_pins():
+def test_locks_hold_constraints_pins_with_hashes():
+    """requirements.lock (the Airflow image) and docker/mlflow/requirements.lock: every package
+    pinned and hashed, at constraints.txt's version, and every requirement of the package and
+    its `airflow` extra in the Airflow image's lock."""
+    constraints = pins(CONSTRAINTS)
+    for lock in (LOCK, MLFLOW_LOCK):
+        assert lock_problems(lock.read_text(), constraints) == [], lock
+    locked = pins(LOCK)
+    wanted = {canonical(re.split(r"[<>=!~;\s]", r, maxsplit=1)[0]) for r in project_requirements(("airflow",))}
+    assert wanted - set(locked) == set()
+    assert locked["apache-airflow"] == constraints["apache-airflow"]
+    assert {"mlflow", "boto3", "psycopg2-binary", "psycopg"} <= set(pins(MLFLOW_LOCK))
+    assert not set(pins(MLFLOW_LOCK)) & {"tensorflow", "apache-airflow"}, "the MLflow image stays small"
+    broken = "numpy==2.4.5 \\\n    --hash=sha256:00\npandas==3.1.1\nscipy>=1\n"
+    assert lock_problems(broken, constraints) == ["numpy==2.4.5: constraints.txt pins 2.4.6",
+                                                  "pandas==3.1.1: no hash", "scipy>=1: not pinned with =="]
+
+
+def test_mlflow_dockerfile_installs_its_lock_with_hashes():
     text = MLFLOW_DOCKERFILE.read_text()
     assert list(unpinned_from_lines(text)) == []
     assert re.search(r"^USER\s+(?!root\b|0\b)\S+", text, re.M)
-    pattern = re.search(r"grep -hE '\^\((.*)\)==' /tmp/requirements/\*\.txt", text).group(1)
-    wanted = [re.sub(r"\\\[.*$", "", name) for name in pattern.split("|")]  # psycopg\[binary\] -> psycopg
-    assert sorted(wanted) == ["boto3", "mlflow", "psycopg", "psycopg2-binary"]
-    assert f"-eq {len(wanted)}" in text
-    found = [name for path in (ROOT / "requirements.txt", CELERY_REQUIREMENTS) for name in pins(path) if name in wanted]
-    assert sorted(found) == sorted(wanted), "each pin the MLflow image greps for must exist exactly once"
+    assert re.search(r"^COPY\s+docker/mlflow/requirements\.lock\s", text, re.M)
+    assert re.findall(r"pip install\b[^\n&]*", text) == ["pip install --require-hashes -r /tmp/requirements.lock "]
 
 
-def test_celery_requirements_are_pinned_and_do_not_override_the_stack():
-    extras, stack = pins(CELERY_REQUIREMENTS), pins(ROOT / "requirements.txt")
-    assert {"apache-airflow-providers-celery", "celery", "redis", "psycopg2-binary", "asyncpg", "psycopg"} <= set(extras)
-    assert extras["celery"].startswith("5.6."), "celery 5.7 breaks the provider (see the file's comment)"
-    assert all(re.fullmatch(r"\d+(\.\d+)+", version) for version in extras.values()), extras
-    assert set(extras) & set(stack) == set(), "a scale-out extra must not re-pin the runtime stack"
-    assert stack.get("apache-airflow") == "3.3.2"
+def test_celery_extra_keeps_the_provider_working():
+    """The `airflow` extra (the Celery executor the image runs) caps celery below 5.7 and leaves
+    the runtime stack to [project.dependencies]."""
+    extra = {canonical(re.split(r"[<>=!~;\s]", r, maxsplit=1)[0]): r for r in project_requirements(("airflow",))
+             if r not in project_requirements()}
+    assert {"apache-airflow", "apache-airflow-providers-celery", "celery", "redis", "psycopg2-binary",
+            "asyncpg", "psycopg"} <= set(extra)
+    assert "<5.7" in extra["celery"], "celery 5.7 breaks the provider (see pyproject.toml's comment)"
+    assert constraints_version("celery").startswith("5.6.")
+    runtime = {canonical(re.split(r"[<>=!~;\s]", r, maxsplit=1)[0]) for r in project_requirements()}
+    assert "apache-airflow" not in runtime, "compress() must install without Airflow"
+
+
+def constraints_version(name: str) -> str:
+    return pins(CONSTRAINTS)[canonical(name)]
 
 
 def test_postgres_creates_both_databases_on_first_start(compose):
@@ -751,8 +925,10 @@ def _docker_compose_available() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _docker_compose_available(), reason="the docker compose plugin is not installed")
+@pytest.mark.skipif(not _docker_compose_available(),
+                    reason="`docker compose` is not available here (no compose plugin for the docker client)")
 def test_docker_compose_config_accepts_the_file():
+    """`docker compose config` resolves and validates the file client-side (no engine needed)."""
     result = subprocess.run(["docker", "compose", "-f", str(COMPOSE_FILE), "--env-file", str(ENV_EXAMPLE),
                              "config", "-q"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr

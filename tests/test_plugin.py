@@ -18,11 +18,29 @@ EXPERIMENT = "link-tests"
 
 @pytest.fixture(scope="module")
 def plugin():
-    """The plugin module as Airflow's plugin manager loaded it from plugins/."""
+    """The plugin module, once Airflow's plugin manager has loaded the plugins folder and the
+    package's entry point without an error (a plugin found both ways is one)."""
     from airflow import plugins_manager
     plugins_manager.ensure_plugins_loaded()
-    assert not any("mlflow_link" in source for source in plugins_manager.get_import_errors())
-    return sys.modules["mlflow_link"]
+    assert not any("mlflow_link" in source or "already registered" in error
+                   for source, error in plugins_manager.get_import_errors().items())
+    return sys.modules["pipeline.airflow_adapter.mlflow_link"]
+
+
+def test_plugin_is_found_once_through_the_entry_point_or_the_plugins_folder(plugin, monkeypatch):
+    """The installed package's entry point registers the plugin; plugins/mlflow_link.py exposes
+    the class only where that entry point is missing (pipeline/ on PYTHONPATH), never both."""
+    import importlib.metadata
+    import runpy
+
+    from airflow import plugins_manager
+    assert [p["name"] for p in plugins_manager.get_plugin_info()].count("mlflow_link") == 1
+    points = importlib.metadata.entry_points(group="airflow.plugins")
+    assert [p.load() for p in points if p.name == "mlflow_link"] == [plugin.MLflowLinkPlugin]
+    folder_file = str(ROOT / "plugins" / "mlflow_link.py")
+    assert "MLflowLinkPlugin" not in runpy.run_path(folder_file)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    assert runpy.run_path(folder_file)["MLflowLinkPlugin"] is plugin.MLflowLinkPlugin
 
 
 @pytest.fixture(scope="module", autouse=True)
