@@ -108,11 +108,12 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
                 "objective": config.objective},
         tags={k: v for k, v in (tags or {}).items() if v})
 
-    if user_model is None or model_file is None:
-        model, base_model_uri = _train_or_reuse(dataset, config, run_dir, parent_run_id)
-    else:
-        model, base_model_uri = user_model, artifacts.store(parent_run_id, model_file,
-                                                            BASELINE_FOLDER)
+    with tracking.system_metrics(parent_run_id, "train"):
+        if user_model is None or model_file is None:
+            model, base_model_uri = _train_or_reuse(dataset, config, run_dir, parent_run_id)
+        else:
+            model, base_model_uri = user_model, artifacts.store(parent_run_id, model_file,
+                                                                BASELINE_FOLDER)
     technique_base_uri, techniques_unavailable = _technique_base(
         kind, model, base_model_uri, dataset, run_dir, parent_run_id)
 
@@ -250,9 +251,10 @@ def optimize(ctx: RunContext | dict, recipe: str) -> dict[str, Any]:
                 setattr(failed, "failed_step", prefix)
                 raise failed from error
         started = time.perf_counter()  # this recipe's own training (a prefix times itself)
-        result = apply_recipe(recipe, str(artifacts.fetch(run.technique_base_uri)),
-                              Dataset.load(artifacts.fetch(run.dataset_uri)), run.config,
-                              str(out_dir), start=start)
+        with tracking.system_metrics(parent, _stage_name("optimize", recipe)):
+            result = apply_recipe(recipe, str(artifacts.fetch(run.technique_base_uri)),
+                                  Dataset.load(artifacts.fetch(run.dataset_uri)), run.config,
+                                  str(out_dir), start=start)
     except Exception as error:
         artifacts.store_json(parent, {"recipe": recipe, "error": one_line(error)}, record)
         raise
@@ -274,7 +276,12 @@ def _stage_metric(stage: str, recipe: str = "") -> str:
     """The metric with a stage's wall time: stage_seconds_train on the parent run,
     stage_seconds_optimize_prune_cluster there per recipe, stage_seconds_quantize/_evaluate/
     _benchmark on each variant's child run."""
-    return "_".join(["stage_seconds", stage, *re.split(r"[^A-Za-z0-9]+", recipe)]).rstrip("_")
+    return f"stage_seconds_{_stage_name(stage, recipe)}"
+
+
+def _stage_name(stage: str, recipe: str = "") -> str:
+    """`train`, `optimize_prune_cluster`: a stage (and recipe) in metric names."""
+    return "_".join([stage, *re.split(r"[^A-Za-z0-9]+", recipe)]).rstrip("_")
 
 
 # ------------------------------------------------------------------------- per-variant stages
@@ -357,10 +364,22 @@ def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, data
 
 
 def _log_sensitivity(run_id: str, table: list[dict], placement: dict | None = None) -> None:
-    """The per-layer table (`sensitivity.md` and `.json` in the child run)."""
-    from pipeline.selection.report import sensitivity_markdown
+    """The per-layer table (`sensitivity.md` and `.json` in the child run) and its bar chart
+    (`sensitivity.png`)."""
+    from pipeline.selection.report import sensitivity_markdown, sensitivity_plot
     tracking.log_dict(run_id, table, "sensitivity.json")
     tracking.log_text(run_id, sensitivity_markdown(table, placement), "sensitivity.md")
+    title = ("Per-layer sensitivity: each weighted layer quantized alone"
+             + (" (colour: the mixed model's placement)" if placement is not None else ""))
+    _log_picture(run_id, "sensitivity.png",
+                 lambda path: sensitivity_plot(table, path, title, placement))
+
+
+def _log_picture(run_id: str, name: str, draw) -> None:
+    """Draw a PNG with `draw(path)` and store it as the run's artifact `name`."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        tracking.log_artifact(run_id, draw(Path(folder) / name))
 
 
 def evaluate(ctx: RunContext | dict, quantized: VariantResult) -> VariantResult:
@@ -385,8 +404,21 @@ def evaluate(ctx: RunContext | dict, quantized: VariantResult) -> VariantResult:
         # Which runtime computed the accuracy (the benchmark records its own below).
         tracking.set_tags(run_id, {"evaluation_runtime": evaluation.runtime.get("runtime"),
                                    "evaluation_kernels": evaluation.runtime.get("kernels")})
+        _log_class_results(run_id, quantized["variant"], evaluation)
         return VariantResult(**quantized, accuracy=evaluation.accuracy, accuracy_delta_pts=delta,
                              keras_agreement=evaluation.keras_agreement)
+
+
+def _log_class_results(run_id: str, variant: str, evaluation) -> None:
+    """Per-class accuracy as metrics (`accuracy_class_<name>`) and the confusion matrix as an
+    image (`confusion_matrix.png`) of the variant's child run."""
+    from pipeline.selection.report import class_metric_names, confusion_plot
+    class_names = list(evaluation.per_class_accuracy)
+    tracking.log_metrics(run_id, dict(zip(class_metric_names(class_names),
+                                          evaluation.per_class_accuracy.values())))
+    if evaluation.confusion:
+        _log_picture(run_id, "confusion_matrix.png", lambda path: confusion_plot(
+            evaluation.confusion, class_names, path, f"{variant}: confusion matrix (test set)"))
 
 
 def benchmark(ctx: RunContext | dict, evaluated: VariantResult) -> VariantResult:
@@ -493,7 +525,7 @@ def results_of(ctx: RunContext | dict) -> list[dict[str, Any]]:
 
 def select(ctx: RunContext | dict) -> dict[str, Any]:
     """Gate every variant, choose the champion, write and log the report on the parent run."""
-    from pipeline.selection.report import pareto_plot, summary_markdown
+    from pipeline.selection.report import pareto_plot, summary_markdown, verdict
     from pipeline.selection.select import choose
 
     run = RunContext.of(ctx)
@@ -520,6 +552,11 @@ def select(ctx: RunContext | dict) -> dict[str, Any]:
     tracking.log_dict(parent, {**selected, "results": results}, SELECTION_RECORD)
     tracking.set_tags(parent, {"champion_variant": selection.champion or "none",
                                "selection_reason": selection.reason})
+    # The runs' descriptions in the MLflow UI: the table on the parent, a verdict on each child.
+    tracking.set_description(parent, summary_markdown(results, selection), "report/summary.md")
+    for result in results:
+        if result.get("child_run_id"):
+            tracking.set_description(result["child_run_id"], verdict(result, selection))
     log.info("selection: %s", selection.reason)
     write_json(run_dir / "select.json", selected)
     return selected

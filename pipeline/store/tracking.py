@@ -145,13 +145,18 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
         retry(lambda: client().log_batch(run_id, params=items))
 
 
+# MLflow takes at most this many metrics in one log_batch call.
+METRICS_PER_BATCH = 1000
+
+
 def log_metrics(run_id: str, metrics: Mapping[str, float | None]) -> None:
     """Log the metrics that have a value (None: not measured)."""
     from mlflow.entities import Metric
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
-    if items:
-        retry(lambda: client().log_batch(run_id, metrics=items))
+    for start in range(0, len(items), METRICS_PER_BATCH):
+        batch = items[start:start + METRICS_PER_BATCH]
+        retry(lambda: client().log_batch(run_id, metrics=batch))
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
@@ -159,6 +164,52 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
     if items:
         retry(lambda: client().log_batch(run_id, tags=items))
+
+
+# The run's description in the MLflow UI is this tag (markdown); MLflow keeps up to 8000 chars.
+NOTE_TAG = "mlflow.note.content"
+NOTE_CHARS = 8000
+
+
+def set_description(run_id: str, markdown: str, full_text_at: str | None = None) -> None:
+    """The run's description (the markdown shown at the top of its page in the MLflow UI). A
+    text over MLflow's limit is cut at a line, saying where the whole text is (`full_text_at`,
+    an artifact of the run)."""
+    if len(markdown) > NOTE_CHARS:
+        ending = f"\n\n… (cut; the whole text: `{full_text_at or 'not stored'}`)"
+        markdown = markdown[:NOTE_CHARS - len(ending)].rsplit("\n", 1)[0] + ending
+    retry(lambda: client().set_tag(run_id, NOTE_TAG, markdown))
+
+
+class system_metrics:
+    """Around a stage's heavy work: MLflow's system metrics monitor (CPU, memory, disk, network)
+    logs `system/<node>/...` metrics to `run_id` every `interval` seconds
+    (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it), and stops when the block ends, however
+    it ends. `node` names the stage, so stages sharing the parent run (train, the optimize tasks,
+    concurrently on several workers) keep their own series. Without psutil, or if the monitor
+    cannot start, the stage runs unmonitored (a warning says so)."""
+
+    def __init__(self, run_id: str, node: str, interval: float = 5.0):
+        self.run_id, self.node, self.interval = run_id, node, interval
+        self._monitor: Any = None
+
+    def __enter__(self):
+        import logging
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.interval,
+                                                 node_id=self.node, tracking_uri=tracking_uri())
+            self._monitor.start()
+        except Exception as error:  # ImportError without psutil; the stage matters more
+            logging.getLogger("pipeline").warning(
+                "no system metrics for %s: %s", self.node, f"{type(error).__name__}: {error}")
+            self._monitor = None
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if self._monitor is not None:
+            self._monitor.finish()  # joins the sampling thread and flushes what it sampled
+        return False
 
 
 class ArtifactStoreError(RuntimeError):
