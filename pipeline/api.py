@@ -100,25 +100,34 @@ def run_stages(config_values: dict, pipeline_run_id: str, launcher: str = "cli")
     """train, optimize, the per-variant stages, select, register: the DAG's order in one
     process. A failed optimization or variant is recorded and the others go on; an error that
     stops the run closes its MLflow parent run as FAILED, then propagates."""
-    from pipeline import stages
+    from pipeline import progress, stages
     from pipeline.config import PipelineConfig
     from pipeline.contract import RunContext
     from pipeline.store import tracking
     try:
         ctx = RunContext.of(stages.train(config_values, pipeline_run_id, {"launcher": launcher}))
         config = ctx.config
-        for recipe in stages.recipes(config.variants):
+        recipes = stages.recipes(config.variants)
+        plan = progress.Plan(len(recipes), len(config.variants))
+        for recipe in recipes:
+            started, outcome = time.perf_counter(), "trained"
             try:
                 stages.optimize(ctx, recipe)
             except Exception as error:  # recorded; its variants fail with the reason
                 log.error("optimization %s failed: %s", recipe, error)
+                outcome = "failed"
+            plan.done("optimize", recipe, time.perf_counter() - started, outcome)
         for name in config.variants:
+            started, outcome = time.perf_counter(), "measured"
             try:
                 stages.benchmark(ctx, stages.evaluate(ctx, stages.quantize(ctx, name)))
             except stages.VariantSkipped as reason:
                 log.info("variant %s skipped: %s", name, reason)
+                outcome = "skipped"
             except Exception as error:
                 log.error("variant %s failed: %s", name, error)
+                outcome = "failed"
+            plan.done("variant", name, time.perf_counter() - started, outcome)
         selected = stages.select(ctx)
         outcome = stages.register(ctx, selected)
     except BaseException as error:  # the parent run ends FAILED, never left RUNNING

@@ -18,10 +18,12 @@ import traceback
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.config import PipelineConfig, work_dir
 from pipeline.contract import Reference, RunContext, VariantResult
 from pipeline.files import atomic_path, save_array, write_bytes, write_json, write_text
+from pipeline import progress
 from pipeline.store import artifacts, tracking
 from pipeline.errors import PipelineInputError
 from pipeline.variants import parse_variant, parse_variants
@@ -46,6 +48,12 @@ def local_run_dir(pipeline_run_id: str) -> Path:
     """This machine's scratch folder for one pipeline run (a cache: nothing else reads it)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", pipeline_run_id)
     return work_dir() / safe
+
+
+def open_dataset(run: RunContext):
+    """The run's dataset as a streaming view, from the manifest `train` stored (no pixels)."""
+    from pipeline.sources.data import Dataset
+    return Dataset.load(artifacts.fetch(run.dataset_uri))
 
 
 def recipes(variant_names: list[str]) -> list[str]:
@@ -82,33 +90,45 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
         kind = models.model_kind(model_file)
         user_model = models.load_model(model_file, allow_unsafe=config.allow_unsafe_model)
         input_shape, num_classes = models.io_shape(user_model, model_file)
-    dataset_source = config.dataset if config.dataset == "fashion-mnist" else \
-        str(fetch_input(config.dataset, inputs / "dataset", "dataset"))
-    dataset = load_dataset(dataset_source, input_shape=input_shape, num_classes=num_classes,
-                           train_limit=config.train_limit, test_limit=config.test_limit,
-                           validation_fraction=config.validation_fraction, seed=config.seed)
-    for note in dataset.notes:
-        log.warning("dataset: %s", note)
+    from pipeline.config import PIXEL_RANGES
+    # Indexed, checked and split here; no pixels are copied: later stages open the manifest and
+    # stream from the source (an s3:// source through their own cache). An MLflow URI (runs:/...)
+    # is downloaded first; the manifest names it, so another worker downloads it too.
+    from_mlflow = urlsplit(config.dataset).scheme not in ("", "s3", "file")
+    dataset_source = str(fetch_input(config.dataset, inputs / "dataset", "dataset")) \
+        if from_mlflow else config.dataset
     # Every later stage (training, calibration, evaluation, the served model's example) sees the
     # images in the range the model takes.
-    from pipeline.config import PIXEL_RANGES
-    dataset = dataset.in_range(*PIXEL_RANGES[config.pixel_range])
-    dataset_path = dataset.save(run_dir / "dataset.npz")
+    dataset = load_dataset(dataset_source.removeprefix("file://"), input_shape=input_shape,
+                           num_classes=num_classes, train_limit=config.train_limit,
+                           test_limit=config.test_limit,
+                           validation_fraction=config.validation_fraction, seed=config.seed,
+                           pixel_range=PIXEL_RANGES[config.pixel_range],
+                           origin=config.dataset if from_mlflow else None)
+    for note in dataset.notes:
+        log.warning("dataset: %s", note)
+    dataset_path = dataset.save(run_dir / "dataset.json")
+    progress.stage("data", f"{dataset.train_count} train / {dataset.val_count} validation / "
+                   f"{dataset.test_count} test images, {dataset.num_classes} classes, "
+                   f"{'x'.join(map(str, dataset.input_shape))} ({dataset.source})")
 
     parent_run_id = tracking.start_parent_run(
         config.experiment, pipeline_run_id,
         params={"dataset": config.dataset, "model": config.model_path or "default-cnn",
                 "epochs": config.epochs if not config.model_path else None,
                 "train_limit": config.train_limit, "test_limit": config.test_limit,
-                "variants": ",".join(config.variants), "train_images": len(dataset.x_train),
-                "test_images": len(dataset.x_test), "classes": dataset.num_classes,
+                "variants": ",".join(config.variants), "train_images": dataset.train_count,
+                "validation_images": dataset.val_count, "test_images": dataset.test_count,
+                "classes": dataset.num_classes, "dataset_digest": dataset.digest[:16],
                 "input_shape": "x".join(map(str, dataset.input_shape)),
                 "prune_sparsity": config.prune_sparsity, "cluster_count": config.cluster_count,
                 "max_accuracy_drop_pts": config.max_accuracy_drop_pts,
                 "objective": config.objective},
         tags={k: v for k, v in (tags or {}).items() if v})
+    tracking.log_dataset_lineage(parent_run_id, dataset.manifest)
 
-    with tracking.system_metrics(parent_run_id, "train"):
+    with tracking.system_metrics(parent_run_id, "train"), \
+            progress.training(parent_run_id, "baseline"):
         if user_model is None or model_file is None:
             model, base_model_uri = _train_or_reuse(dataset, config, run_dir, parent_run_id)
         else:
@@ -118,7 +138,7 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
         kind, model, base_model_uri, dataset, run_dir, parent_run_id)
 
     import numpy as np
-    keras_predictions = models.predict_classes(model, dataset.x_test)
+    keras_predictions = models.predict_classes(model, dataset.batches("test"))
     predictions_path = run_dir / "keras_predictions" / "baseline.npy"
     save_array(predictions_path, keras_predictions)
     reference_path = run_dir / "reference" / "float32.tflite"
@@ -127,9 +147,9 @@ def train(config_values: dict[str, Any], pipeline_run_id: str,
     else:
         source = {"saved_model_dir": str(model_file)} if kind == "saved_model" else {"model": model}
         convert("float32", reference_path, **source)
-    reference = evaluate_tflite(str(reference_path), dataset.x_test, dataset.y_test,
-                                dataset.class_names, keras_predictions)
-    keras_accuracy = float(np.mean(keras_predictions == dataset.y_test))
+    reference = evaluate_tflite(str(reference_path), dataset.batches("test"), dataset.class_names,
+                                keras_predictions)
+    keras_accuracy = float(np.mean(keras_predictions == dataset.labels("test")))
     tracking.log_metrics(parent_run_id, {
         "keras_accuracy": keras_accuracy, "reference_accuracy": reference.accuracy,
         "reference_size_bytes": reference_path.stat().st_size,
@@ -166,7 +186,7 @@ def _technique_base(kind: str, model, base_model_uri: str, dataset, run_dir: Pat
                       f"model, and this is {what}; the post-training variants run")
     from pipeline.sources.keras3 import TranslationError, translate
     try:
-        translated, max_abs_diff = translate(model, dataset.x_test[:64])
+        translated, max_abs_diff = translate(model, dataset.arrays("test", 64)[0])
     except TranslationError as error:
         return None, one_line(error)
     tracking.log_metrics(parent_run_id, {"keras3_translation_max_abs_diff": max_abs_diff})
@@ -220,7 +240,6 @@ def optimize(ctx: RunContext | dict, recipe: str) -> dict[str, Any]:
     finds its record and returns it. A failed prefix fails the recipe with the prefix's error.
     The record (`exchange/optimized/<recipe>.json` of the parent run) holds the URIs of the
     model and of its test-set predictions."""
-    from pipeline.sources.data import Dataset
     from pipeline.techniques import TechniqueError, apply_recipe, parse_recipe
 
     run = RunContext.of(ctx)
@@ -251,9 +270,12 @@ def optimize(ctx: RunContext | dict, recipe: str) -> dict[str, Any]:
                 setattr(failed, "failed_step", prefix)
                 raise failed from error
         started = time.perf_counter()  # this recipe's own training (a prefix times itself)
-        with tracking.system_metrics(parent, _stage_name("optimize", recipe)):
+        dataset = open_dataset(run)
+        progress.stage("optimize", f"{recipe}: fine-tuning on {dataset.train_count} images")
+        with tracking.system_metrics(parent, _stage_name("optimize", recipe)), \
+                progress.training(parent, f"optimize_{recipe}"):
             result = apply_recipe(recipe, str(artifacts.fetch(run.technique_base_uri)),
-                                  Dataset.load(artifacts.fetch(run.dataset_uri)), run.config,
+                                  dataset, run.config,
                                   str(out_dir), start=start)
     except Exception as error:
         artifacts.store_json(parent, {"recipe": recipe, "error": one_line(error)}, record)
@@ -295,7 +317,6 @@ def quantize(ctx: RunContext | dict, variant_name: str) -> VariantResult:
     variant = parse_variant(variant_name)
     run_id = tracking.child_run(run.parent_run_id, variant.tags())
     with _variant_failure(run_id, variant.name):
-        from pipeline.sources.data import Dataset
         from pipeline.runtime.quantize import convert
         from pipeline.variants import CONVERTER_MODES
         config = run.config
@@ -303,7 +324,7 @@ def quantize(ctx: RunContext | dict, variant_name: str) -> VariantResult:
         source, recipe_info = _conversion_source(run, variant.recipe)
         dataset = calibration = None
         if mode in ("int8", "int16x8", "int4", "mixed"):
-            dataset = Dataset.load(artifacts.fetch(run.dataset_uri))
+            dataset = open_dataset(run)
             calibration = dataset.calibration_batches(config.calibration_samples, config.seed)
         out = (local_run_dir(run.pipeline_run_id) / "variants" / _safe(variant.name)
                / "model.tflite")
@@ -348,7 +369,7 @@ def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, data
         from pipeline.runtime.evaluate import evaluate_tflite
 
         def validation_accuracy(path: Path) -> float:  # the test set stays for the decision
-            return evaluate_tflite(str(path), dataset.x_val, dataset.y_val,
+            return evaluate_tflite(str(path), dataset.batches("val"),
                                    dataset.class_names).accuracy
         mixed = lq.quantize_mixed(float_tflite, out, accuracy_of=validation_accuracy,
                                   max_drop_pts=config.max_accuracy_drop_pts, table=table,
@@ -390,12 +411,12 @@ def evaluate(ctx: RunContext | dict, quantized: VariantResult) -> VariantResult:
     with _variant_failure(run_id, quantized["variant"]):
         import numpy as np
 
-        from pipeline.sources.data import Dataset
         from pipeline.runtime.evaluate import evaluate_tflite
-        dataset = Dataset.load(artifacts.fetch(run.dataset_uri))
+        dataset = open_dataset(run)
         keras_predictions = np.load(artifacts.fetch(quantized["keras_predictions_uri"]))
-        evaluation = evaluate_tflite(str(artifacts.fetch(quantized["tflite_uri"])), dataset.x_test,
-                                     dataset.y_test, dataset.class_names, keras_predictions)
+        evaluation = evaluate_tflite(str(artifacts.fetch(quantized["tflite_uri"])),
+                                     dataset.batches("test"), dataset.class_names,
+                                     keras_predictions)
         delta = (evaluation.accuracy - run.reference.accuracy) * 100.0
         tracking.log_metrics(run_id, {"accuracy": evaluation.accuracy, "accuracy_delta_pts": delta,
                                       "keras_agreement": evaluation.keras_agreement,
@@ -448,7 +469,9 @@ def benchmark(ctx: RunContext | dict, evaluated: VariantResult) -> VariantResult
         tracking.set_tags(run_id, {"status": "ok", "runtime": measurement.runtime,
                                    "runtime_fallback_reason": measurement.fallback_reason})
         tracking.finish_run(run_id)
-        return VariantResult(**evaluated, **metrics, status="ok", error=None)  # type: ignore[typeddict-item]
+        result = VariantResult(**evaluated, **metrics, status="ok", error=None)  # type: ignore[typeddict-item]
+        progress.variant_done(dict(result))
+        return result
 
 
 def _conversion_source(run: RunContext, recipe: str) -> tuple[dict, dict]:
@@ -587,15 +610,17 @@ def register(ctx: RunContext | dict, selected: dict) -> dict[str, Any]:
     """Register the champion as a servable pyfunc model version and move aliases; close the
     parent run."""
     from pipeline.sources.inputs import FLOAT_MODEL_TAG
-    from pipeline.store.registry import register_champion
+    from pipeline.store.registry import EXAMPLE_IMAGES, register_champion
     from pipeline.selection.select import Selection
 
     run = RunContext.of(ctx)
+    dataset = open_dataset(run)  # a few test images: the served model's input example
     selection = Selection.from_dict(selected["selection"])
     results = {r["variant"]: r for r in results_of(run)}
     outcome = register_champion(selection, results, run.config, parent_run_id=run.parent_run_id,
                                 airflow_run_id=run.pipeline_run_id,
-                                dataset_path=artifacts.fetch(run.dataset_uri),
+                                input_example=dataset.arrays("test", EXAMPLE_IMAGES)[0],
+                                class_names=dataset.class_names,
                                 extra_tags={FLOAT_MODEL_TAG: run.base_model_uri})
     tracking.set_tags(run.parent_run_id, {
         "registered_version": outcome.get("version", "none"),

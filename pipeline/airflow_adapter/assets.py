@@ -26,6 +26,6 @@ def dataset_event_extra(spec: str) -> dict[str, Any]:
         # Absolute, so the consuming run finds the same files whatever its working directory.
         spec = str(Path(spec).expanduser().resolve())
     dataset = load_dataset(spec)
-    return {"dataset": spec, "train_images": len(dataset.x_train) + len(dataset.x_val),
-            "test_images": len(dataset.x_test), "classes": dataset.num_classes,
+    return {"dataset": spec, "train_images": dataset.train_count + dataset.val_count,
+            "test_images": dataset.test_count, "classes": dataset.num_classes,
             "input_shape": list(dataset.input_shape)}

@@ -23,14 +23,24 @@ class Evaluation:
         return asdict(self)
 
 
-def evaluate_tflite(model_path: str, x_test: np.ndarray, y_test: np.ndarray, class_names: list[str],
+def evaluate_tflite(model_path: str, data, class_names: list[str],
                     keras_predictions: np.ndarray | None = None, batch_size: int = 256) -> Evaluation:
-    """Accuracy, per-class accuracy (recall) and agreement with the source Keras model."""
+    """Accuracy, per-class accuracy (recall) and agreement with the source Keras model.
+
+    `data`: `(images, labels)` arrays, or an iterable of such batches (a streamed split,
+    `Dataset.batches`): the model runs batch by batch, only the predicted classes are kept."""
     from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
     from pipeline.runtime.litert import TFLiteRunner
     runner = TFLiteRunner(model_path, num_threads=None, max_batch=batch_size)
-    predicted = runner.predict_classes(x_test)
+    batches = [data] if isinstance(data, tuple) else data
+    predictions, truths = [], []
+    for images, labels in batches:
+        if len(images):
+            predictions.append(runner.predict_classes(images))
+            truths.append(np.asarray(labels))
+    predicted = np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
+    y_test = np.concatenate(truths) if truths else np.zeros(0, np.int64)
     labels = list(range(len(class_names)))
     recalls = recall_score(y_test, predicted, labels=labels, average=None, zero_division=0)
     agreement = None

@@ -237,8 +237,13 @@ def _quantized_tensors(path: Path) -> str:
     return ", ".join(f"{k} tensors" for k in found)
 
 
-def predict_classes(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0)).argmax(axis=-1)
+def predict_classes(model, images, batch_size: int = 512) -> np.ndarray:
+    """Predicted classes of an array of images, or of an iterable of (images, labels) batches
+    (a streamed split: `Dataset.batches`)."""
+    if isinstance(images, np.ndarray):
+        return np.asarray(model.predict(images, batch_size=batch_size, verbose=0)).argmax(axis=-1)
+    parts = [np.asarray(model.predict_on_batch(x)).argmax(axis=-1) for x, _ in images if len(x)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def _keras_zip_version(path: Path) -> str:

@@ -149,11 +149,11 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
 METRICS_PER_BATCH = 1000
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, float | None]) -> None:
-    """Log the metrics that have a value (None: not measured)."""
+def log_metrics(run_id: str, metrics: Mapping[str, float | None], step: int = 0) -> None:
+    """Log the metrics that have a value (None: not measured); `step`: e.g. the epoch."""
     from mlflow.entities import Metric
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
     for start in range(0, len(items), METRICS_PER_BATCH):
         batch = items[start:start + METRICS_PER_BATCH]
         retry(lambda: client().log_batch(run_id, metrics=batch))
@@ -354,3 +354,28 @@ def retry(action, attempts: int = 3, delay: float = 2.0):
             if attempt == attempts - 1:
                 raise
             time.sleep(delay * (attempt + 1))
+
+
+def log_dataset_lineage(run_id: str, manifest: dict[str, Any]) -> None:
+    """The run's dataset in MLflow's Datasets: one input per split (context train / validation
+    / test), named after the source, with the content digest, the source URI and the split's
+    size and classes as its profile. Metadata only: no pixels are logged."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset as DatasetEntity, DatasetInput, InputTag
+    source = manifest["source"]
+    name = source.rstrip("/").rsplit("/", 1)[-1] or source
+    source_type = "s3" if source.startswith("s3://") else \
+        "code" if manifest["kind"] == "fashion-mnist" else "local"
+    inputs = []
+    for split, context in (("train", "train"), ("val", "validation"), ("test", "test")):
+        ids = manifest["splits"][split]
+        digest = hashlib.sha256(f"{manifest['digest']}:{split}:{json.dumps(ids)}".encode())
+        profile = {"images": len(ids), "classes": len(manifest["class_names"]),
+                   "image_shape": manifest["image_shape"], "content_digest": manifest["digest"],
+                   "split_rule": manifest.get("split_rule"), "skipped_files": manifest.get("skipped", 0)}
+        entity = DatasetEntity(name=name, digest=digest.hexdigest()[:16], source_type=source_type,
+                               source=json.dumps({"uri": source}), profile=json.dumps(profile))
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
+    retry(lambda: client().log_inputs(run_id, datasets=inputs))

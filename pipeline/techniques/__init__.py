@@ -28,7 +28,9 @@ import numpy as np
 
 from pipeline.files import atomic_path, save_array
 from pipeline.sources.models import flat_layers, load_model, model_kind, predict_classes, tf_keras
+from pipeline.techniques import sizing
 from pipeline.techniques.train import compile_classifier, cosine_schedule, fit, set_seed
+from pipeline.techniques.validation import training_image_count, validation_accuracy
 from pipeline.variants import OPTIMIZATION_ORDER, qat_problem
 
 
@@ -59,13 +61,32 @@ def wrap_and_finetune(model, targets: set[str], wrap_layer, technique: str, data
 def finetune(model, dataset, config, *, learning_rate: float, from_logits: bool,
              epochs: int | None = None, callbacks=()):
     """Compile with a cosine-decayed rate and fit for `epochs` (default
-    `config.finetune_epochs`) epochs."""
+    `config.finetune_epochs`) epochs, BatchNorm's moving averages forgetting the statistics of
+    the model before the fine-tuning (`batchnorm_momentum`)."""
     epochs = epochs or config.finetune_epochs
-    steps = math.ceil(len(dataset.x_train) / config.batch_size)
+    steps = math.ceil(training_image_count(dataset) / config.batch_size)
     compile_classifier(model, cosine_schedule(learning_rate, epochs, steps),
                        from_logits=from_logits)
-    fit(model, dataset, epochs=epochs, batch_size=config.batch_size, callbacks=callbacks,
-        seed=config.seed)  # no flips: they did not help these short fine-tunings
+    with batchnorm_momentum(model, epochs * steps):
+        fit(model, dataset, epochs=epochs, batch_size=config.batch_size, callbacks=callbacks,
+            seed=config.seed)  # no flips: they did not help these short fine-tunings
+
+
+@contextmanager
+def batchnorm_momentum(model, steps: int):
+    """Within the block, each BatchNormalization layer of `model` (inside TF-MOT's wrappers
+    too) has `sizing.batchnorm_momentum` for a fit of `steps` steps; its own afterwards, so the
+    saved model keeps the user's setting. Set before `fit` traces the training step."""
+    layers = [layer for layer in map(_unwrap, flat_layers(model))
+              if type(layer).__name__ == "BatchNormalization"]
+    own = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = sizing.batchnorm_momentum(layer.momentum, steps)
+    try:
+        yield
+    finally:
+        for layer, momentum in zip(layers, own):
+            layer.momentum = momentum
 
 
 def outputs_probabilities(model) -> bool:
@@ -217,7 +238,7 @@ def tfmot_errors(technique: str, layer=None):
 
 
 # The registry. Imported here, after the shared helpers above that the modules use.
-from pipeline.techniques import clustering, distillation, pruning, qat, qat4  # noqa: E402
+from pipeline.techniques import backoff, clustering, distillation, pruning, qat, qat4  # noqa: E402
 
 TECHNIQUES = {"distill": distillation, "prune": pruning, "cluster": clustering, "qat": qat,
               "qat4": qat4}
@@ -249,10 +270,17 @@ def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir, *,
     'prune+cluster' started from ('prune', path) only clusters, so collaborative recipes do not
     redo the techniques they share with shorter recipes of the same run.
 
+    Each technique checks its result on the validation split and backs off within
+    `config.technique_retries` retries when it fell far below the budget (`backoff`).
+
     Returns {recipe, model_path, params, macs, sparsity, unique_weights_max,
-    unique_weights_per_channel_max, val_accuracy, keras_test_accuracy, keras_predictions_path}:
-    kernel figures as in `kernel_stats` (through QAT's wrappers), params as in `keras_params`,
-    accuracies of the Keras model, and its predicted test classes saved as .npy.
+    unique_weights_per_channel_max, val_accuracy, keras_test_accuracy, keras_predictions_path,
+    base_val_accuracy, budget_val_accuracy, fits_budget, settings, attempts}: kernel figures as
+    in `kernel_stats` (through QAT's wrappers), params as in `keras_params`, accuracies of the
+    Keras model, its predicted test classes saved as .npy; the base model's validation accuracy
+    and the lowest an attempt may reach; per technique of this call, the settings it kept and
+    every attempt's settings and validation accuracy; `fits_budget` False when a technique's
+    best attempt stayed under the budget.
     """
     from sklearn.metrics import accuracy_score
 
@@ -266,15 +294,22 @@ def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir, *,
         if techniques[:len(applied)] != applied or applied == techniques:
             raise ValueError(f"{start[0]!r} is not a shorter prefix of recipe {name!r}")
         model = load_optimized(start[1])
-    for technique in techniques[len(applied):]:
-        set_seed(config.seed)
-        model = TECHNIQUES[technique].apply(model, dataset, config, applied=applied)
-        applied += (technique,)
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    base_accuracy = validation_accuracy(
+        _load_base(base_model_path, name, config) if start else model, dataset)
+    budget = backoff.accuracy_budget(base_accuracy, config, dataset.num_classes)
+    settings, attempts, fits = {}, {}, True
+    for technique in techniques[len(applied):]:
+        outcome = _apply_within_budget(technique, model, dataset, config, applied, budget,
+                                       out_dir / f"{name}.{technique}-input")
+        model = outcome.model
+        settings[technique], attempts[technique] = outcome.settings, outcome.attempts
+        fits = fits and outcome.fits
+        applied += (technique,)
+
     model_path = save_optimized(model, out_dir / name)
-    test_predictions = predict_classes(model, dataset.x_test)
+    test_predictions = predict_classes(model, dataset.batches("test"))
     predictions_path = str(save_array(out_dir / f"{name}.test-predictions.npy", test_predictions))
     stats = kernel_stats(model)
     return {
@@ -285,10 +320,38 @@ def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir, *,
         "sparsity": stats["sparsity"],
         "unique_weights_max": stats["unique_weights_max"],
         "unique_weights_per_channel_max": stats["unique_weights_per_channel_max"],
-        "val_accuracy": float(accuracy_score(dataset.y_val, predict_classes(model, dataset.x_val))),
-        "keras_test_accuracy": float(accuracy_score(dataset.y_test, test_predictions)),
+        "val_accuracy": float(accuracy_score(dataset.labels("val"),
+                                             predict_classes(model, dataset.batches("val")))),
+        "keras_test_accuracy": float(accuracy_score(dataset.labels("test"), test_predictions)),
         "keras_predictions_path": predictions_path,
+        "base_val_accuracy": base_accuracy,
+        "budget_val_accuracy": budget,
+        "fits_budget": fits,
+        "settings": settings,
+        "attempts": attempts,
     }
+
+
+def _apply_within_budget(technique: str, model, dataset, config, applied: tuple[str, ...],
+                         budget: float, scratch: Path) -> backoff.Outcome:
+    """`technique` applied to `model` through `backoff.fit_within_budget`. Each attempt starts
+    from its own copy of `model` (TF-MOT's wrappers change the model they are given), reloaded
+    from `scratch` when there may be a retry."""
+    module = TECHNIQUES[technique]
+    source = save_optimized(model, scratch) if config.technique_retries else None
+
+    def attempt(settings: dict):
+        set_seed(config.seed)
+        given = load_optimized(source) if source else model
+        return module.apply(given, dataset, backoff.configured(config, settings),
+                            applied=applied)
+
+    return backoff.fit_within_budget(
+        attempt, module.settings(model, dataset, config), module.relax,
+        score=lambda tuned: validation_accuracy(tuned, dataset), budget=budget,
+        retries=config.technique_retries,
+        settle=lambda settings: module.settings(model, dataset,
+                                                backoff.configured(config, settings)))
 
 
 def _load_base(path, recipe: str, config):

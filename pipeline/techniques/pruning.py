@@ -7,8 +7,13 @@ target. The largest kernel's target is `config.prune_sparsity`; a kernel r times
 `prune_sparsity * r ** -SIZE_EXPONENT` (a conv layer 20x smaller than the dense head: about half
 the target). Small kernels hold few of the weights but much of the accuracy, so pruning them as
 hard buys little size and costs the most accuracy (TF-MOT's guide: prune the large layers).
+Sized to the layer (`layer_plan`): no layer keeps fewer than MIN_KEPT_PER_OUTPUT weights per
+output unit on average (a 64x16 Dense kernel at 0.91 in runs of 8 had 8 of its 16 units cut off
+from every input), and kernels under MIN_PRUNED_WEIGHTS weights are left alone (they are little
+of the file and much of the accuracy).
 Dense kernels are pruned in blocks of `config.prune_block` consecutive input weights of one
-output unit: LiteRT stores a fully-connected kernel as [out, in], so a block is a run of zero bytes
+output unit (fewer when a unit has under MIN_BLOCKS_PER_UNIT blocks of inputs; TF-MOT fails on a
+kernel with a single block per unit, "Input tensor must be rank 2"): LiteRT stores a fully-connected kernel as [out, in], so a block is a run of zero bytes
 in the file, which gzip stores in a few bits where scattered zeros cost about one bit each, and
 the nonzero weights between the runs come in longer literal strings. On the default CNN at 0.91,
 runs of 16 against runs of 4 (4 pruning epochs each): the pruned model's int8 file 28.3x against
@@ -18,10 +23,17 @@ Structured (`config.prune_structured`): 2:4 sparsity (two zeros in every group o
 weights along the input-channel axis, the pattern sparse kernels accelerate), i.e. 50% sparsity
 whatever `prune_sparsity` says.
 
-Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT prunes), except
+Epochs and batch size follow the number of training images (`sizing.fine_tuning`: at least
+MIN_STEPS["prune"] optimizer steps), and BatchNorm's moving averages are made to forget the
+unpruned model's statistics within them (`techniques.finetune`).
+
+Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT prunes) and the pointwise
+kernels of SeparableConv1D/2D layers (most of a separable model's weights), except
  - the first one when it holds under SKIP_FIRST_LAYER_BELOW of those weights: it sees the raw
    pixels through few channels, so pruning it saves almost nothing and costs the most accuracy
    (TF-MOT's guide: prune later layers first).
+ - kernels under MIN_PRUNED_WEIGHTS weights, or that cannot keep MIN_KEPT_PER_OUTPUT weights per
+   output unit at any sparsity worth having.
  - for 2:4, layers whose input-channel count is not a multiple of 4 (no whole groups of four).
 Other layers (and layers inside nested models) are left as they are. Pruning works on
 `techniques.fuse_layers(model)` (Dense+BatchNorm and conv/dense+ReLU fused; see there why).
@@ -32,6 +44,9 @@ import math
 
 from pipeline import techniques
 from pipeline.sources.models import tf_keras
+from pipeline.techniques import sizing
+from pipeline.techniques.backoff import configured
+from pipeline.techniques.validation import training_image_count
 
 NAME = "prune"
 SKIP_FIRST_LAYER_BELOW = 0.01
@@ -39,63 +54,134 @@ RAMP_SHARE = 0.7
 MASK_UPDATES = 20           # how many times the mask is recomputed while sparsity rises
 STRUCTURED_M_BY_N = (2, 4)
 SIZE_EXPONENT = 0.25
+MIN_PRUNED_WEIGHTS = 1024
+MIN_KEPT_PER_OUTPUT = 16
+MIN_BLOCKS_PER_UNIT = 8
+MIN_LAYER_SPARSITY = 0.05   # below this a layer's pruning is not worth its accuracy
+# Backing off: each retry keeps twice the weights of the last (0.91 -> 0.82 -> 0.64) and trains
+# half as long again, down to RELAXED_SPARSITY_MIN.
+RELAXED_SPARSITY_MIN = 0.3
+RELAXED_EPOCHS_FACTOR = 1.5
 # Fine-tuning rate relative to config.learning_rate: the other weights need a real step size to
 # make up for the pruned ones (in two epochs at 80% sparsity 0.25 lost 0.6 pts more than 1.0),
 # but restarting at the full rate costs accuracy by itself (-0.6 pts in two epochs, no pruning).
 LEARNING_RATE_SCALE = 0.5
 
 
+def settings(model, dataset, config) -> dict:
+    """What `apply` uses on this model and data: the largest kernel's target, epochs and batch
+    size (config fields) and, for the record, each pruned layer's sparsity and block."""
+    plan = sizing.fine_tuning(NAME, config.prune_epochs, config.batch_size,
+                              training_image_count(dataset))
+    return {"prune_sparsity": config.prune_sparsity, "prune_epochs": plan.epochs,
+            "batch_size": plan.batch_size,
+            "prune_layers": layer_plan(techniques.fuse_layers(model), config)}
+
+
+def relax(settings: dict) -> dict | None:
+    """Twice the weights kept and longer recovery; None below RELAXED_SPARSITY_MIN."""
+    target = round(1 - 2 * (1 - settings["prune_sparsity"]), 4)
+    if target < RELAXED_SPARSITY_MIN:
+        return None
+    return {"prune_sparsity": target,
+            "prune_epochs": math.ceil(settings["prune_epochs"] * RELAXED_EPOCHS_FACTOR)}
+
+
 def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     import tensorflow_model_optimization as tfmot
 
     sparsity = tfmot.sparsity.keras
+    config = configured(config, settings(model, dataset, config))
     model = techniques.fuse_layers(model)
-    targets = layers_to_prune(model, structured=config.prune_structured)
-    if not targets:
+    plan = layer_plan(model, config)
+    if not plan:
         raise techniques.TechniqueError(
-            f"{NAME}: model {model.name!r} has no Conv/Dense layer worth pruning"
+            f"{NAME}: model {model.name!r} has no Conv/Dense layer worth pruning (none holds "
+            f"{MIN_PRUNED_WEIGHTS} weights or more with room to prune)"
             + (" (2:4 needs input channels in multiples of 4)" if config.prune_structured else ""))
     epochs = config.prune_epochs  # validated: at least 1
-    steps = epochs * math.ceil(len(dataset.x_train) / config.batch_size)
-    targets_by_layer = layer_sparsity(model, targets, config)
+    steps = epochs * math.ceil(training_image_count(dataset) / config.batch_size)
 
     def wrap(layer):
-        params = {"pruning_schedule": _schedule(config, steps, targets_by_layer[layer.name])}
+        params = {"pruning_schedule": _schedule(config, steps, plan[layer.name]["sparsity"])}
         if config.prune_structured:
             params["sparsity_m_by_n"] = STRUCTURED_M_BY_N
-        elif config.prune_block > 1 and len(layer.kernel.shape) == 2 \
-                and layer.kernel.shape[0] % config.prune_block == 0:
-            params["block_size"] = (config.prune_block, 1)  # [in, out]: along the inputs
+        elif plan[layer.name]["block"] > 1:
+            params["block_size"] = (plan[layer.name]["block"], 1)  # [in, out]: along the inputs
         return sparsity.prune_low_magnitude(layer, **params)
 
     pruned = techniques.wrap_and_finetune(
-        model, targets, wrap, NAME, dataset, config,
+        model, set(plan), wrap, NAME, dataset, config,
         learning_rate=config.learning_rate * LEARNING_RATE_SCALE, epochs=epochs,
         callbacks=[sparsity.UpdatePruningStep()])  # also re-applies masks per epoch
     return sparsity.strip_pruning(pruned)
 
 
-def layer_sparsity(model, targets: set[str], config) -> dict[str, float]:
-    """Target sparsity of each layer `apply` prunes (see the module docstring)."""
-    sizes = {layer.name: int(layer.kernel.shape.num_elements())
-             for layer in techniques.tfmot_kernel_layers(model) if layer.name in targets}
-    largest = max(sizes.values())
-    return {name: round(config.prune_sparsity * (size / largest) ** SIZE_EXPONENT, 4)
-            for name, size in sizes.items()}
+def layer_plan(model, config) -> dict[str, dict]:
+    """{layer name: {"weights", "sparsity", "block"}} of each layer `apply` prunes (see the module
+    docstring): the largest kernel's target is `config.prune_sparsity`, a kernel r times smaller
+    gets `prune_sparsity * r ** -SIZE_EXPONENT`, capped so each output unit keeps
+    MIN_KEPT_PER_OUTPUT weights on average; a layer whose cap leaves under MIN_LAYER_SPARSITY is
+    not pruned."""
+    candidates = _candidate_shapes(model, structured=config.prune_structured)
+    shapes = {name: shape for name, shape in candidates.items()
+              if _size(shape) >= MIN_PRUNED_WEIGHTS}
+    if not shapes:
+        return {}
+    largest = max(_size(shape) for shape in shapes.values())
+    plan = {}
+    for name, shape in shapes.items():
+        size = _size(shape)
+        sparsity = config.prune_sparsity * (size / largest) ** SIZE_EXPONENT
+        sparsity = round(min(sparsity, 1 - MIN_KEPT_PER_OUTPUT * shape[-1] / size), 4)
+        if sparsity >= MIN_LAYER_SPARSITY:
+            plan[name] = {"weights": size, "sparsity": sparsity,
+                          "block": 1 if config.prune_structured else _block(shape, config)}
+    return plan
 
 
-def layers_to_prune(model, *, structured: bool) -> set[str]:
-    """Names of the layers `apply` prunes (see the module docstring)."""
-    candidates = techniques.tfmot_kernel_layers(model)
+def _candidate_shapes(model, *, structured: bool) -> dict[str, tuple[int, ...]]:
+    """Kernel shapes of the layers pruning may touch, in model order (for 2:4, Conv2D and Dense
+    kernels with whole groups of four inputs), without the first layer when it holds under
+    SKIP_FIRST_LAYER_BELOW of their weights."""
+    keras = tf_keras()
     if structured:
-        keras = tf_keras()
-        candidates = [layer for layer in candidates
+        candidates = [layer for layer in techniques.tfmot_kernel_layers(model)
                       if type(layer) in (keras.layers.Conv2D, keras.layers.Dense)
                       and layer.kernel.shape[-2] % STRUCTURED_M_BY_N[1] == 0]
-    sizes = [int(layer.kernel.shape.num_elements()) for layer in candidates]
-    if candidates and sizes[0] < SKIP_FIRST_LAYER_BELOW * sum(sizes):
-        candidates = candidates[1:]
-    return {layer.name for layer in candidates}
+    else:
+        separable = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+        candidates = techniques.tfmot_kernel_layers(model) + [
+            layer for layer in model.layers if isinstance(layer, separable)]
+        candidates.sort(key=model.layers.index)
+    shapes = {layer.name: tuple(int(d) for d in _pruned_kernel(layer).shape)
+              for layer in candidates}
+    sizes = [_size(shape) for shape in shapes.values()]
+    if shapes and sizes[0] < SKIP_FIRST_LAYER_BELOW * sum(sizes):
+        del shapes[next(iter(shapes))]
+    return shapes
+
+
+def _pruned_kernel(layer):
+    """The kernel TF-MOT prunes: a separable conv's pointwise kernel, else the kernel."""
+    pointwise = getattr(layer, "pointwise_kernel", None)
+    return layer.kernel if pointwise is None else pointwise
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _block(shape: tuple[int, ...], config) -> int:
+    """Runs of `config.prune_block` inputs for a Dense ([in, out]) kernel, halved until each unit
+    has MIN_BLOCKS_PER_UNIT of them and they tile the inputs; 1 (weight by weight) for convs,
+    which TF-MOT prunes only weight by weight."""
+    if len(shape) != 2:
+        return 1
+    block = config.prune_block
+    while block > 1 and (shape[0] < MIN_BLOCKS_PER_UNIT * block or shape[0] % block):
+        block //= 2
+    return block
 
 
 def _schedule(config, steps: int, target: float):
