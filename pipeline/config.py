@@ -91,6 +91,10 @@ class PipelineConfig:
                                    "teacher's soft targets)", minimum=0, maximum=1)
     student_width: float = setting(0.5, "Student filters = teacher filters x width",
                                    exclusiveMinimum=0, exclusiveMaximum=1)
+    technique_retries: int = setting(2, "Retries of a training-time technique whose model falls "
+                                     "far below the accuracy budget on the validation split, each "
+                                     "more conservative (lower sparsity, more clusters, a wider "
+                                     "student, longer recovery)", minimum=0, maximum=5)
     # Measurement
     latency_runs: int = setting(200, "Timed invokes per latency measurement", minimum=1,
                                 maximum=100000)

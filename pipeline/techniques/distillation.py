@@ -14,6 +14,12 @@ run again every epoch. A teacher with a softmax output contributes its log-proba
 are logits up to a constant (softmax ignores the constant). Returns a plain, uncompiled tf_keras
 Sequential student with a logits output; refuses (TechniqueError) a student that would not have
 fewer multiply-adds than the teacher.
+
+Sized to the model and the data: the student keeps at least MIN_STUDENT_WEIGHTS weights (its
+width rises above `student_width` for a teacher of a few thousand weights), and it trains for at
+least MIN_STEPS["distill"] optimizer steps (`sizing.fine_tuning`: smaller batches, more epochs on
+a few hundred images) with BatchNorm momentum low enough that its moving averages forget their
+initial 0 / 1. Backing off, each retry halves the gap between the width and 1 and trains longer.
 """
 from __future__ import annotations
 
@@ -22,13 +28,45 @@ import math
 
 from pipeline import techniques
 from pipeline.sources.models import build_cnn, count_macs, tf_keras
+from pipeline.techniques import sizing
+from pipeline.techniques.backoff import configured
 from pipeline.techniques.train import cosine_schedule, fit
+from pipeline.techniques.validation import training_image_count
 
 NAME = "distill"
+# A student is a fresh network: below a few thousand weights it has no capacity to give away.
+MIN_STUDENT_WEIGHTS = 2000
+WIDTH_STEP = 0.125          # widths are multiples of this
+MAX_WIDTH = 0.875           # wider is not a smaller model
+RELAXED_EPOCHS_FACTOR = 1.5
+
+
+def settings(model, dataset, config) -> dict:
+    """What `apply` uses on this teacher and data: the student's width (`student_width`, or
+    wider for a small teacher), epochs and batch size."""
+    affordable = math.sqrt(MIN_STUDENT_WEIGHTS / max(1, model.count_params()))
+    width = max(config.student_width, min(MAX_WIDTH, _step_up(affordable)))
+    plan = sizing.fine_tuning(NAME, config.distill_epochs, config.batch_size,
+                              training_image_count(dataset))
+    return {"student_width": width, "distill_epochs": plan.epochs,
+            "batch_size": plan.batch_size}
+
+
+def relax(settings: dict) -> dict | None:
+    """Half the way from the width to 1 and longer training; None at MAX_WIDTH."""
+    if settings["student_width"] >= MAX_WIDTH:
+        return None
+    return {"student_width": min(MAX_WIDTH, _step_up((1 + settings["student_width"]) / 2)),
+            "distill_epochs": math.ceil(settings["distill_epochs"] * RELAXED_EPOCHS_FACTOR)}
+
+
+def _step_up(width: float) -> float:
+    return math.ceil(round(width / WIDTH_STEP, 6)) * WIDTH_STEP
 
 
 def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     keras = tf_keras()
+    config = configured(config, settings(model, dataset, config))
     teacher = model
     if teacher.name == "cnn":  # the pipeline's own default CNN (build_cnn's name)
         student = build_cnn(dataset.input_shape, dataset.num_classes, width=config.student_width,
@@ -42,8 +80,10 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
             f"{config.student_width}) is not smaller than the teacher ({teacher_macs:,}): "
             "lower student_width")
 
-    fit_to_teacher(student, teacher, dataset, config, epochs=config.distill_epochs,
-                   learning_rate=config.learning_rate)
+    steps = config.distill_epochs * math.ceil(training_image_count(dataset) / config.batch_size)
+    with techniques.batchnorm_momentum(student, steps):
+        fit_to_teacher(student, teacher, dataset, config, epochs=config.distill_epochs,
+                       learning_rate=config.learning_rate)
     # An uncompiled copy: it saves without the custom loss and optimizer state.
     plain = keras.models.clone_model(student)
     plain.set_weights(student.get_weights())

@@ -12,9 +12,14 @@ pipeline.sources.keras3), which TF-MOT's QAT registry refuses, get their output 
 from __future__ import annotations
 
 from pipeline import techniques
+from pipeline.techniques import sizing
+from pipeline.techniques.backoff import configured
+from pipeline.techniques.validation import training_image_count
 from pipeline.sources.models import flat_layers, tf_keras
 
 NAME = "qat"
+# Backing off: each retry trains twice as long (the rounding is fixed; only recovery can help).
+RELAXED_EPOCHS_FACTOR = 2
 # QAT starts from a trained model and only adapts it to int8 rounding: a small rate.
 LEARNING_RATE_SCALE = 0.01
 # Weightless layers outside TF-MOT's QAT registry that are quantized at their output only (TFLite
@@ -22,10 +27,24 @@ LEARNING_RATE_SCALE = 0.01
 OUTPUT_ONLY_LAYERS = ("Rescaling", "Normalization")
 
 
+def settings(model, dataset, config) -> dict:
+    """What `apply` uses on this model and data: epochs and batch size from the number of
+    training images (`sizing.fine_tuning`)."""
+    plan = sizing.fine_tuning("finetune", config.finetune_epochs, config.batch_size,
+                              training_image_count(dataset))
+    return {"finetune_epochs": plan.epochs, "batch_size": plan.batch_size}
+
+
+def relax(settings: dict) -> dict | None:
+    """Twice the recovery epochs."""
+    return {"finetune_epochs": settings["finetune_epochs"] * RELAXED_EPOCHS_FACTOR}
+
+
 def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     import tensorflow_model_optimization as tfmot
 
     quantization = tfmot.quantization.keras
+    config = configured(config, settings(model, dataset, config))
     model = techniques.fuse_layers(model)
     from_logits = not techniques.outputs_probabilities(model)  # before wrapping hides the activation
     # quantize_scope: quantize_apply clones the annotated model, output-only configs included.
