@@ -113,7 +113,7 @@ def variant_paths(run_dir: Path, names) -> dict[str, Path]:
 
 def accuracy_of(path: Path, dataset) -> float:
     from pipeline.runtime.evaluate import evaluate_tflite
-    return evaluate_tflite(str(path), dataset.x_test, dataset.y_test, dataset.class_names).accuracy
+    return evaluate_tflite(str(path), dataset.batches("test"), dataset.class_names).accuracy
 
 
 def variant_rows(paths: dict[str, Path], dataset, *, rounds: int, runs: int, warmup: int,
@@ -212,7 +212,7 @@ def section_resnet(bench: Bench) -> dict:
         # Random weights on synthetic images: this section measures size, latency and memory;
         # the pipeline's accuracy floor would (rightly) stop a model at chance.
         "--set", "min_accuracy=0"], "resnet")
-    dataset = Dataset.load(run_dir / "dataset.npz")
+    dataset = Dataset.load(run_dir / "dataset.json")
     paths = variant_paths(run_dir, RESNET_VARIANTS)
     rows, reference = variant_rows(paths, dataset, rounds=s["rounds"], runs=s["runs"],
                                    warmup=s["warmup"], section="resnet")
@@ -353,7 +353,7 @@ def section_cnn(bench: Bench) -> dict:
     bench.cnn_champion = (selected.get("selection") or {}).get("champion")
     bench.cnn_run = run_dir
     bench.cnn_pipeline_seconds = pipeline_seconds
-    dataset = Dataset.load(run_dir / "dataset.npz")
+    dataset = Dataset.load(run_dir / "dataset.json")
     rows, _ = variant_rows(variant_paths(run_dir, variants), dataset, rounds=s["rounds"],
                            runs=s["runs"], warmup=s["warmup"], section="cnn")
     for row in rows:  # why the pipeline produced no model, when its optimization says
@@ -392,8 +392,8 @@ def section_throughput(bench: Bench) -> dict:
     from pipeline.sources.data import Dataset
     from pipeline.runtime.litert import TFLiteRunner
     run_dir = _cnn_run(bench)
-    dataset = Dataset.load(run_dir / "dataset.npz")
-    x = dataset.x_test
+    dataset = Dataset.load(run_dir / "dataset.json")
+    x = dataset.arrays("test")[0]
     names = [n for n in ("float32", "int8") if (run_dir / "variants" / n / "model.tflite").exists()]
     timings: dict[tuple[str, str], list[float]] = {}
     predictions: dict[tuple[str, str], np.ndarray] = {}
@@ -580,7 +580,7 @@ def section_sparse(bench: Bench) -> dict:
     run_dir = _cnn_run(bench)
     context = json.loads((run_dir / "context.json").read_text())
     config = PipelineConfig.from_mapping(context["config"], use_env=False)
-    dataset = Dataset.load(run_dir / "dataset.npz")
+    dataset = Dataset.load(run_dir / "dataset.json")
     reference_bytes = context["reference"]["size_bytes"]
     import_tensorflow_quietly()
     out = bench.runs_dir / "sparse"
@@ -598,7 +598,7 @@ def section_sparse(bench: Bench) -> dict:
                 progress("sparse", f"converting {name}")
                 paths[name] = convert(mode, out / f"{recipe}-{mode}-{storage}.tflite", model=model,
                                       representative_data=calibration, sparse=storage == "sparse")
-                accuracy[name] = evaluate_tflite(str(paths[name]), dataset.x_test, dataset.y_test,
+                accuracy[name] = evaluate_tflite(str(paths[name]), dataset.batches("test"),
                                                  dataset.class_names).accuracy
     if not paths:
         raise RuntimeError("the CNN run has no prune or prune+cluster model (add prune-int8 to "
@@ -662,7 +662,7 @@ def section_peer(bench: Bench) -> dict:
     run_dir = _cnn_run(bench)
     context = json.loads((run_dir / "context.json").read_text())
     config = PipelineConfig.from_mapping(context["config"], use_env=False)
-    dataset = Dataset.load(run_dir / "dataset.npz")
+    dataset = Dataset.load(run_dir / "dataset.json")
     onnx_dir = bench.runs_dir / "onnx"
     shutil.rmtree(onnx_dir, ignore_errors=True)
     onnx_dir.mkdir(parents=True)
@@ -695,7 +695,7 @@ def section_peer(bench: Bench) -> dict:
     for name, path in onnx_paths.items():
         progress("peer", f"accuracy of ONNX Runtime {name} on {len(dataset.y_test)} images")
         rows.append({"runtime": "ONNX Runtime", "variant": name,
-                     "accuracy": peer.accuracy(path, dataset.x_test, dataset.y_test),
+                     "accuracy": peer.accuracy(path, *dataset.arrays("test")),
                      "size_bytes": path.stat().st_size,
                      "latency_ms_p50": median(f["latency_ms_p50"] for f in samples[name]),
                      "latency_ms_p90": median(f["latency_ms_p90"] for f in samples[name]),

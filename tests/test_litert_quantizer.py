@@ -31,7 +31,7 @@ def calibration(small_dataset):
 
 
 def accuracy(path, dataset):
-    return evaluate_tflite(str(path), dataset.x_test, dataset.y_test, dataset.class_names).accuracy
+    return evaluate_tflite(str(path), dataset.batches("test"), dataset.class_names).accuracy
 
 
 def int4_weight_tensors(path) -> int:

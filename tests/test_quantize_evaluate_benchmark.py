@@ -47,9 +47,9 @@ def test_batched_evaluation_matches_one_image_per_invoke(converted, small_datase
 
 def test_tflite_accuracy_agrees_with_keras(converted, small_dataset):
     model, paths = converted
-    keras_pred = models.predict_classes(model, small_dataset.x_test)
+    keras_pred = models.predict_classes(model, small_dataset.batches("test", 64))
     for mode in ("float32", "dynamic", "int8"):
-        evaluation = evaluate_tflite(str(paths[mode]), small_dataset.x_test, small_dataset.y_test,
+        evaluation = evaluate_tflite(str(paths[mode]), small_dataset.batches("test", 64),
                                      small_dataset.class_names, keras_pred)
         keras_accuracy = float((keras_pred == small_dataset.y_test).mean())
         assert evaluation.test_images == len(small_dataset.y_test)

@@ -101,7 +101,7 @@ def pipeline_runs(store, tflite_path=None):
 
 
 def register(store, name, variant, *, gzip, accuracy, tflite_path, images, runs=None,
-             local_file=True, dataset_path=None):
+             local_file=True, class_names=None):
     runs = runs or pipeline_runs(store, None if local_file else tflite_path)
     parent_run_id, child_run_id = runs
     result = {"variant": variant, "quantization": variant.rsplit("-", 1)[-1],
@@ -114,26 +114,20 @@ def register(store, name, variant, *, gzip, accuracy, tflite_path, images, runs=
     selection = Selection(champion=variant, passed=[variant], rejected={}, pareto=[variant],
                           objective="gzip_size", reason="test")
     config = PipelineConfig.from_mapping({"registered_model_name": name}, use_env=False)
-    if dataset_path:  # as the pipeline's register stage calls it: results by variant name
+    if class_names:  # as the pipeline's register stage calls it: results by variant name
         return register_champion(selection.to_dict(), {variant: result}, config,
                                  parent_run_id=parent_run_id, airflow_run_id="manual__2026-01-01",
-                                 dataset_path=dataset_path)
+                                 input_example=images[:3], class_names=class_names)
     return register_champion(selection.to_dict(), [result], config, parent_run_id=parent_run_id,
                              airflow_run_id="manual__2026-01-01", input_example=images[:2])
 
 
 @pytest.fixture(scope="module")
-def served(store, tflite_int8, images, tmp_path_factory):
-    """A registered model whose first version is the champion, its input example and class
-    names taken from a prepared dataset file."""
-    from pipeline.sources.data import Dataset
-
-    labels = np.arange(len(images)) % len(CLASS_NAMES)
-    pixels = images.reshape(-1, *IMAGE_SHAPE)
-    dataset_path = Dataset(pixels, labels, pixels, labels, pixels, labels, CLASS_NAMES).save(
-        tmp_path_factory.mktemp("data") / "dataset.npz")
+def served(store, tflite_int8, images):
+    """A registered model whose first version is the champion, with three test images as its
+    input example and the dataset's class names, as the register stage gives them."""
     info = register(store, "served", "int8", gzip=1000, accuracy=0.9, tflite_path=tflite_int8,
-                    images=images, dataset_path=dataset_path)
+                    images=images.reshape(-1, *IMAGE_SHAPE), class_names=CLASS_NAMES)
     return info["name"]
 
 

@@ -288,7 +288,9 @@ def load_dataset(spec: str, *, input_shape: tuple[int, ...] | None = None,
                                        input_shape, num_classes, _listing_digest(
                                            [(s.name, s.stat().st_size) for s in shards]))
         elif path.is_dir():
-            dataset = _index_folder(spec, str(path.resolve()), _local_files(path), input_shape)
+            dataset = _index_folder(spec, str(path.resolve()), _local_files(path), input_shape,
+                                    class_names=sorted(d.name for d in path.iterdir() if d.is_dir()
+                                                       and not d.name.startswith(".")))
         else:
             raise PipelineInputError(
                 f"dataset {spec} is neither a folder, TFRecord shards nor an .npz file: give an "
@@ -504,10 +506,12 @@ def _local_files(root: Path) -> list[tuple[str, int]]:
 
 
 def _index_folder(spec: str, root: str, files: list[tuple[str, int]], input_shape,
-                  etags: dict[str, str] | None = None) -> Dataset:
-    """An image folder (local or `s3://`): class = first folder level; every image decoded once
-    (on a few threads) to skip unreadable ones; a stratified 20 % test split."""
-    class_names = sorted({f.split("/")[0] for f, _ in files if "/" in f})
+                  etags: dict[str, str] | None = None,
+                  class_names: list[str] | None = None) -> Dataset:
+    """An image folder (local or `s3://`): class = first folder level (a local folder's
+    subfolders, empty ones too); every image decoded once (on a few threads) to skip unreadable
+    ones; a stratified 20 % test split."""
+    class_names = class_names or sorted({f.split("/")[0] for f, _ in files if "/" in f})
     if len(class_names) < 2:
         raise PipelineInputError(
             f"image folder {spec} has {len(class_names)} class subfolder(s): a classifier needs at "
@@ -524,17 +528,17 @@ def _index_folder(spec: str, root: str, files: list[tuple[str, int]], input_shap
     reader.shape = shape
     readable = _readable(lambda f: reader.read_one(f), [f for f, _ in images])
     skipped += len(images) - sum(readable)
-    total = len(candidates)
-    if total and skipped / total > MAX_UNREADABLE_FRACTION:
-        raise PipelineInputError(
-            f"image folder {spec}: {skipped} of {total} files are unreadable or not images "
-            f"(more than {MAX_UNREADABLE_FRACTION:.0%}): remove them or fix the folder")
     kept = [f for (f, _), ok in zip(images, readable) if ok]
     labels = np.array([class_names.index(f.split("/")[0]) for f in kept], dtype=np.int64)
     empty = [name for i, name in enumerate(class_names) if not np.any(labels == i)]
     if empty:
         raise PipelineInputError(f"image folder {spec}: class folder(s) {', '.join(empty)} hold no "
-                                 "readable images")
+                                 "readable images: add images or remove the folder")
+    total = len(candidates)
+    if total and skipped / total > MAX_UNREADABLE_FRACTION:
+        raise PipelineInputError(
+            f"image folder {spec}: {skipped} of {total} files are unreadable or not images "
+            f"(more than {MAX_UNREADABLE_FRACTION:.0%}): remove them or fix the folder")
     train, test = _stratified_holdout(labels, spec)
     manifest = _manifest("folder", spec, root, class_names, shape, labels, kept,
                          {"train": train, "val": [], "test": test}, digest=digest,
