@@ -286,6 +286,11 @@ def optimize(ctx: RunContext | dict, recipe: str) -> dict[str, Any]:
     result["keras_predictions_uri"] = artifacts.store(
         parent, result.pop("keras_predictions_path"), folder)
     artifacts.store_json(parent, result, record)
+    # The settings each technique used (chosen from the model and data) and every attempt at
+    # them, readable in the MLflow UI beside the run: `optimize/<recipe>.json`.
+    tracking.log_dict(parent, {key: result[key] for key in (
+        "recipe", "settings", "attempts", "fits_budget", "base_val_accuracy",
+        "budget_val_accuracy", "val_accuracy")}, f"optimize/{_safe(recipe)}.json")
     tracking.log_metrics(parent, {_stage_metric("optimize", recipe): time.perf_counter() - started})
     return result
 
