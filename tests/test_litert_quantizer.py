@@ -8,8 +8,9 @@ from pipeline.sources import models
 from pipeline.runtime.benchmark import measure
 from pipeline.runtime.evaluate import evaluate_tflite
 from pipeline.runtime.litert import TFLiteRunner
-from pipeline.runtime.litert_quantizer import (QuantizerError, quantize_mixed, quantize_tflite,
-                                       sensitivity, weighted_ops)
+from pipeline.runtime.litert_quantizer import (INT4_CAPABLE_OPS, QuantizerError, int4_placement,
+                                       quantize_mixed, quantize_tflite, sensitivity,
+                                       weighted_ops)
 from pipeline.runtime.quantize import convert
 from pipeline.selection.report import sensitivity_markdown
 
@@ -36,10 +37,16 @@ def accuracy(path, dataset):
 
 def int4_weight_tensors(path) -> int:
     """Tensors stored as INT4 in the flatbuffer (the interpreter reports them as int8)."""
+    return weight_tensors(path, "INT4")
+
+
+def weight_tensors(path, tensor_type: str) -> int:
+    """Tensors of `tensor_type` (INT4, INT8, FLOAT16...) in the flatbuffer."""
     from litert_quantizer import qtyping
     from litert_quantizer.utils import tfl_flatbuffer_utils
     model = tfl_flatbuffer_utils.read_model(str(path))
-    return sum(t.type == qtyping.TensorType.INT4 for t in model.subgraphs[0].tensors)
+    wanted = getattr(qtyping.TensorType, tensor_type)
+    return sum(t.type == wanted for t in model.subgraphs[0].tensors)
 
 
 def test_int4_is_much_smaller_than_int8_runs_and_keeps_accuracy(tflite, small_dataset):
@@ -103,6 +110,40 @@ def test_mixed_keeps_sensitive_layers_until_the_budget_holds(tflite, small_datas
     assert huge.kept == [] and len(huge.trials) == 1
     assert int4_weight_tensors(huge.path) == 2
     assert not list(tmp_path.glob("*.candidate*"))
+
+
+def test_int4_placement_keeps_slow_kinds_at_float16(tflite, small_dataset, calibration,
+                                                    tmp_path):
+    """A kind whose int4 or int8 weights make the model slower than the limit keeps float16
+    weights; the others get the smallest precision that fits. Latency is a deterministic stand-in
+    here (int4 or int8 convolutions are "slow"), as XNNPACK's hybrid depthwise convolutions are on
+    MobileNetV2; the chosen model is the last one timed within the limit."""
+    timed = []
+
+    def slow_quantized_convolutions(path):
+        timed.append(path)
+        conv_kernels = [op for op in weighted_ops(tflite["float32"]) if op.op == "CONV_2D"]
+        slow = (weight_tensors(path, "FLOAT16") < len(conv_kernels))
+        return 1.0 if slow else 0.1
+
+    placement = int4_placement(tflite["float32"], tmp_path, latency_of=slow_quantized_convolutions,
+                               latency_limit_ms=0.5, int4_ops=INT4_CAPABLE_OPS)
+    assert placement.int4_ops == ("FULLY_CONNECTED",)
+    assert placement.float16_ops == ("CONV_2D",)
+    assert placement.kinds() == {"FULLY_CONNECTED": "int4", "CONV_2D": "float16"}
+    assert [(t["kind"], t["precision"], t["fits"]) for t in placement.trials] == [
+        ("FULLY_CONNECTED", "int4", True), ("CONV_2D", "int4", False), ("CONV_2D", "int8", False)]
+    assert placement.to_dict()["kinds"] == placement.kinds()
+    assert not list(tmp_path.iterdir())  # the timed candidates are gone
+
+    path = quantize_tflite("int4", tflite["float32"], tmp_path / "placed.tflite",
+                           int4_ops=placement.int4_ops, float16_ops=placement.float16_ops)
+    assert int4_weight_tensors(path) == 2 and weight_tensors(path, "FLOAT16") == 2
+    assert accuracy(path, small_dataset) >= accuracy(tflite["float32"], small_dataset) - 0.03
+    assert path.stat().st_size > tflite["int4"].stat().st_size  # float16 convolutions cost bytes
+    rows = sensitivity(tflite["float32"], "int4", calibration, int4_ops=placement.int4_ops,
+                       float16_ops=placement.float16_ops)
+    assert [row["quantization"] for row in rows] == ["float16", "float16", "int4", "int4"]
 
 
 def test_a_tflite_alone_gives_dynamic_int8_and_int4(tflite, small_dataset, calibration, tmp_path):

@@ -12,10 +12,11 @@ the converter's float32 output, so it serves every model source, a user's bare .
   the fewest that bring the accuracy within a budget of the float32 reference.
 
 int4 is dynamic-range: int4 weights, float activations that the kernel quantizes on the fly.
-Only FULLY_CONNECTED and EMBEDDING_LOOKUP get int4 by default; every other weighted op gets int8,
-so no weight stays float32. The choices, measured on the default CNN (3 epochs on the full
-Fashion-MNIST training set; full test set; `pipeline.runtime.benchmark.measure`, batch 1, one thread,
-CompiledModel on XNNPACK; one run on one machine, compare within it only):
+Only FULLY_CONNECTED and EMBEDDING_LOOKUP get int4 by default; every other weighted op gets int8
+(or float16 where the pipeline measured int8 slower, below), so no weight stays float32. The
+choices, measured on the default CNN (3 epochs on the full Fashion-MNIST training set; full test
+set; `pipeline.runtime.benchmark.measure`, batch 1, one thread, CompiledModel on XNNPACK; one run
+on one machine, compare within it only):
 
                                bytes    gzip B   accuracy  p50 ms
   float32 (converter)      1,689,772 1,565,627    0.9118   0.053
@@ -35,6 +36,32 @@ CompiledModel on XNNPACK; one run on one machine, compare within it only):
   `int4_ops=INT4_CAPABLE_OPS` opts in.
 - Dynamic over weight-only int4 (a DEQUANTIZE before float kernels): 10x slower at a similar
   size.
+
+Whether hybrid (int4 or int8 weights, float activations) kernels pay depends on the model, so the
+pipeline times them: `int4_placement` gives each weighted op kind the smallest precision whose
+model is not slower than float32 beyond the latency gate, else float16 weights (XNNPACK unpacks
+them when the model loads: float32's speed at half its bytes). Measured side by side (untrained
+weights: size and speed only; the same process; `measure()` p50, 2 runs each):
+
+  model                          mode                          gzip B   p50 ms
+  default CNN (28x28x1)          float32                    1,561,095   0.115-0.121
+                                 int8 (static)                424,302   0.048-0.050
+                                 int4 (FC int4, CONV int8)    218,384   0.059-0.060
+                                 int4 placed: the same        218,384   0.061-0.087
+  MobileNetV2 0.35 (96x96x3)     float32                    1,464,794   0.338-0.359
+                                 int8 (static)                472,684   0.436-0.439
+                                 dynamic int8                 448,540   1.059-1.066
+                                 int4 (FC int4, rest int8)    445,328   1.067-1.122
+                                 int4 + CONV_2D int4          262,451   1.368-1.397
+                                 int4 placed: FC int4,        729,552   0.353-0.369
+                                   CONV/DEPTHWISE float16
+
+  On MobileNetV2, DEPTHWISE_CONV_2D with int8 weights is no XNNPACK kernel: the graph splits into
+  18 XNNPACK partitions around the 17 depthwise convolutions, which the built-in kernels run
+  (int4 with float depthwise weights: 0.58 ms, one partition); hybrid CONV_2D stays on XNNPACK
+  but quantizes its input at every invoke, which its 35 small convolutions do not win back
+  (float CONV_2D, int8 depthwise: 0.88 ms). So no int4 placement is both smaller than int8 and
+  as fast as float32 on this model: the placed int4 keeps float32's speed at half its size.
 """
 from __future__ import annotations
 
@@ -109,9 +136,85 @@ class MixedResult:
         return {**asdict(self), "path": str(self.path), "drop_pts": self.drop_pts}
 
 
+@dataclass
+class Int4Placement:
+    """What `int4_placement` chose: the op kinds given int4 weights (`int4_ops`) and those kept at
+    float16 (`float16_ops`; the other weighted kinds get int8), the latency limit it held them to
+    and every model it timed (`trials`: {kind, precision, latency_ms_p50, fits}), in order."""
+    int4_ops: tuple[str, ...]
+    float16_ops: tuple[str, ...]
+    latency_limit_ms: float
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    def kinds(self) -> dict[str, str]:
+        """Op kind -> the weight precision it got, for the kinds that were timed."""
+        return {trial["kind"]: ("int4" if trial["kind"] in self.int4_ops else "float16"
+                                if trial["kind"] in self.float16_ops else "int8")
+                for trial in self.trials}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kinds": self.kinds()}
+
+
+def int4_placement(float_tflite_path: str | Path, work_dir: str | Path, *,
+                   latency_of: Callable[[Path], float], latency_limit_ms: float,
+                   int4_ops: tuple[str, ...] = INT4_OPS) -> Int4Placement:
+    """Per weighted op kind, the smallest weight precision whose model is not slower than
+    `latency_limit_ms` (`latency_of(path)`: the caller's p50 at batch 1): int4 (kinds in
+    `int4_ops`), else int8, else float16, which XNNPACK unpacks to float32 when the model loads
+    and so runs at float32's speed.
+
+    Why: int4 and int8 weights with float activations are hybrid kernels, and whether they pay
+    depends on the model. On the default CNN (most weights in one Dense layer) int4
+    FULLY_CONNECTED and int8 CONV_2D run 2x faster than float32. On MobileNetV2 (alpha 0.35,
+    96x96) hybrid DEPTHWISE_CONV_2D is not an XNNPACK kernel: the graph splits into 18 XNNPACK
+    partitions around the 17 depthwise convolutions, which LiteRT's built-in kernels run, and
+    the model was 3.1x slower than float32 (1.09 vs 0.36 ms); hybrid CONV_2D stays on XNNPACK but
+    quantizes its input at every invoke, which 35 small pointwise convolutions pay for (0.58 ms
+    with depthwise at float16). Kinds are decided largest (most weights) first, each trial the
+    whole model with the kinds decided so far and the rest at float16; the last model that fit
+    is the result, so the chosen placement itself was measured within the limit."""
+    float_tflite_path = Path(float_tflite_path)
+    ops = _read_ops(float_tflite_path, "int4")
+    weights: dict[str, int] = {}
+    for op in ops:
+        weights[op.op] = weights.get(op.op, 0) + op.weights
+    kinds = sorted(weights, key=lambda kind: (-weights[kind], kind))
+    decided: dict[str, str] = {}
+    trials: list[dict[str, Any]] = []
+    candidate = Path(work_dir) / f"{float_tflite_path.stem}.int4-placement.tflite"
+    try:
+        for kind in kinds:
+            for precision in (["int4"] if kind in int4_ops else []) + ["int8"]:
+                trial = {**decided, kind: precision}
+                quantize_tflite("int4", float_tflite_path, candidate,
+                                int4_ops=_kinds_at(trial, "int4"),
+                                float16_ops=tuple(k for k in kinds
+                                                  if trial.get(k, "float16") == "float16"))
+                latency = float(latency_of(candidate))
+                fits = latency <= latency_limit_ms
+                trials.append({"kind": kind, "precision": precision, "latency_ms_p50": latency,
+                               "fits": fits})
+                if fits:
+                    decided[kind] = precision
+                    break
+            else:
+                decided[kind] = "float16"
+    finally:
+        candidate.unlink(missing_ok=True)
+    return Int4Placement(int4_ops=_kinds_at(decided, "int4"),
+                         float16_ops=_kinds_at(decided, "float16"),
+                         latency_limit_ms=latency_limit_ms, trials=trials)
+
+
+def _kinds_at(placement: dict[str, str], precision: str) -> tuple[str, ...]:
+    return tuple(kind for kind, chosen in placement.items() if chosen == precision)
+
+
 def quantize_tflite(mode: str, float_tflite_path: str | Path, out_path: str | Path, *,
                     calibration=None, block_size: int | None = None,
-                    int4_ops: tuple[str, ...] = INT4_OPS) -> Path:
+                    int4_ops: tuple[str, ...] = INT4_OPS,
+                    float16_ops: tuple[str, ...] = ()) -> Path:
     """Quantize a float32 .tflite with `mode` and write `out_path` atomically; returns the path.
 
     `calibration` (needed by `int8` and `int16x8`): float32 input batches (N, H, W, C) from the
@@ -119,7 +222,8 @@ def quantize_tflite(mode: str, float_tflite_path: str | Path, out_path: str | Pa
     [batch] lists, as the converter's representative datasets yield. `block_size` (int4 only):
     blockwise int4 with that many weights per scale on the ops that have it (default:
     channelwise, see the module docstring); `int4_ops`: the op kinds given int4 weights (among
-    INT4_CAPABLE_OPS; the other weighted ops get int8). `int8` has int8 input and output, the
+    INT4_CAPABLE_OPS; the other weighted ops get int8, or float16 for the kinds in
+    `float16_ops`: see `int4_placement`). `int8` has int8 input and output, the
     other modes float ones, as from the converter. Raises QuantizerError if the quantizer or
     the runtime refuses the model, or (int8, int16x8) an op would stay float.
     """
@@ -134,11 +238,13 @@ def quantize_tflite(mode: str, float_tflite_path: str | Path, out_path: str | Pa
     float_tflite_path = Path(float_tflite_path)
     ops = _read_ops(float_tflite_path, mode)
     return _quantize(mode, float_tflite_path, out_path, calibration,
-                     lambda qt: _add_mode(qt, mode, block_size=block_size, int4_ops=int4_ops), ops)
+                     lambda qt: _add_mode(qt, mode, block_size=block_size, int4_ops=int4_ops,
+                                          float16_ops=float16_ops), ops)
 
 
 def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=None, *,
-                int4_ops: tuple[str, ...] = INT4_OPS) -> list[dict]:
+                int4_ops: tuple[str, ...] = INT4_OPS,
+                float16_ops: tuple[str, ...] = ()) -> list[dict]:
     """Per weighted op: how much quantizing that op alone (as `mode` would) disturbs its own
     output and the model's output, on a batch of calibration images (SENSITIVITY_IMAGES).
 
@@ -158,7 +264,8 @@ def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=N
     rows = []
     for op in ops:
         qt = _quantizer(float_tflite_path, mode)
-        _add_mode(qt, mode, regex=_exact(op.scope), op_name=op.op, int4_ops=int4_ops)
+        _add_mode(qt, mode, regex=_exact(op.scope), op_name=op.op, int4_ops=int4_ops,
+                  float16_ops=float16_ops)
         with _refusals(mode, float_tflite_path, op.name):
             qt.quantize(_calibrate(qt, test_data), enable_progress_report=False)
             errors = qt.validate(test_data=test_data, error_metrics=metrics,
@@ -167,7 +274,7 @@ def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=N
         output = errors.get(output_names[0], {})
         rows.append({
             "layer": op.name, "op": op.op, "weights": op.weights,
-            "quantization": _op_precision(mode, op, int4_ops),
+            "quantization": _op_precision(mode, op, int4_ops, float16_ops),
             "layer_snr_db": _db(layer.get("snr")),
             "layer_cosine": _finite(layer.get("cosine_similarity")),
             "output_snr_db": _db(output.get("snr")),
@@ -179,7 +286,8 @@ def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=N
 def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
                    accuracy_of: Callable[[Path], float], max_drop_pts: float, calibration=None,
                    table: list[dict] | None = None, reference_accuracy: float | None = None,
-                   keep: str = "int8", int4_ops: tuple[str, ...] = INT4_OPS) -> MixedResult:
+                   keep: str = "int8", int4_ops: tuple[str, ...] = INT4_OPS,
+                   float16_ops: tuple[str, ...] = ()) -> MixedResult:
     """int4 everywhere except the most sensitive int4 ops, kept at `keep` (`int8` or `float32`):
     the fewest, taken in order of sensitivity (lowest output SNR first), that bring the accuracy
     within `max_drop_pts` percentage points of the float32 reference.
@@ -196,7 +304,8 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
     float_tflite_path, out_path = Path(float_tflite_path), Path(out_path)
     ops = _read_ops(float_tflite_path, "mixed")
     if table is None:
-        table = sensitivity(float_tflite_path, "int4", calibration, int4_ops=int4_ops)
+        table = sensitivity(float_tflite_path, "int4", calibration, int4_ops=int4_ops,
+                            float16_ops=float16_ops)
     by_name = {op.name: op for op in ops}
     ranked = [by_name[row["layer"]] for row in sorted(table, key=_sensitivity_key)
               if row["layer"] in by_name and row["quantization"] == "int4"]
@@ -210,7 +319,7 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
         if count not in tried:
             kept = ranked[:count]
             _quantize("mixed", float_tflite_path, candidate, None,
-                      lambda qt: _add_mixed(qt, kept, keep, int4_ops), ops)
+                      lambda qt: _add_mixed(qt, kept, keep, int4_ops, float16_ops), ops)
             tried[count] = float(accuracy_of(candidate))
             trials.append({"kept": [op.name for op in kept], "accuracy": tried[count],
                            "drop_pts": (reference_accuracy - tried[count]) * 100.0})
@@ -233,14 +342,15 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
         accuracy_keeping(chosen)  # evaluated already: rebuild its file only if another came last
         if trials[-1]["kept"] != [op.name for op in ranked[:chosen]]:
             _quantize("mixed", float_tflite_path, candidate, None,
-                      lambda qt: _add_mixed(qt, ranked[:chosen], keep, int4_ops), ops)
+                      lambda qt: _add_mixed(qt, ranked[:chosen], keep, int4_ops, float16_ops),
+                      ops)
         os.replace(candidate, out_path)
     finally:
         candidate.unlink(missing_ok=True)
     kept_names = {op.name for op in ranked[:chosen]}
     int4_names = {op.name for op in ranked}
     layers = {op.name: (keep if op.name in kept_names else "int4" if op.name in int4_names
-                        else _fixed_precision(op, int4_ops)) for op in ops}
+                        else _fixed_precision(op, int4_ops, float16_ops)) for op in ops}
     accuracy = tried[chosen]
     return MixedResult(path=out_path, layers=layers, kept=[op.name for op in ranked[:chosen]],
                        accuracy=accuracy, reference_accuracy=reference_accuracy,
@@ -277,8 +387,10 @@ def weighted_ops(tflite_path: str | Path) -> list[WeightedOp]:
 # --- recipes -------------------------------------------------------------------------------------
 
 def _add_mode(qt, mode: str, regex: str = ".*", op_name: str | None = None,
-              block_size: int | None = None, int4_ops: tuple[str, ...] = INT4_OPS) -> None:
-    """Add `mode`'s configuration for ops matching `regex` (all kinds, or only `op_name`)."""
+              block_size: int | None = None, int4_ops: tuple[str, ...] = INT4_OPS,
+              float16_ops: tuple[str, ...] = ()) -> None:
+    """Add `mode`'s configuration for ops matching `regex` (all kinds, or only `op_name`); in
+    `int4` mode the kinds in `float16_ops` get float16 weights instead of int8."""
     from litert_quantizer import qtyping
     from litert_quantizer.algorithm_manager import AlgorithmName
     every = qtyping.TFLOperationName.ALL_SUPPORTED
@@ -297,6 +409,8 @@ def _add_mode(qt, mode: str, regex: str = ".*", op_name: str | None = None,
     elif mode == "int4":
         if op_name is None or op_name not in int4_ops:
             qt.add_dynamic_config(regex, target, 8)  # later entries win: int4 where it applies
+        for name in [name for name in float16_ops if op_name in (None, name)]:
+            qt.add_weight_only_config(regex, name, 16, algorithm_key=AlgorithmName.FLOAT_CASTING)
         for name in [name for name in int4_ops if op_name in (None, name)]:
             granularity = qtyping.QuantGranularity.CHANNELWISE
             if block_size is not None and name in INT4_BLOCKWISE_OPS:
@@ -306,11 +420,11 @@ def _add_mode(qt, mode: str, regex: str = ".*", op_name: str | None = None,
         raise ValueError(f"unknown quantizer mode {mode!r}")
 
 
-def _add_mixed(qt, kept: list[WeightedOp], keep: str,
-               int4_ops: tuple[str, ...] = INT4_OPS) -> None:
+def _add_mixed(qt, kept: list[WeightedOp], keep: str, int4_ops: tuple[str, ...] = INT4_OPS,
+               float16_ops: tuple[str, ...] = ()) -> None:
     """int4 everywhere, then `kept` ops at int8 or float (later recipe entries win)."""
     from litert_quantizer.algorithm_manager import AlgorithmName
-    _add_mode(qt, "int4", int4_ops=int4_ops)
+    _add_mode(qt, "int4", int4_ops=int4_ops, float16_ops=float16_ops)
     for op in kept:
         if keep == "int8":
             qt.add_dynamic_config(_exact(op.scope), op.op, 8)
@@ -323,14 +437,17 @@ def _exact(scope: str) -> str:
     return "^" + re.escape(scope) + "$"
 
 
-def _fixed_precision(op: WeightedOp, int4_ops: tuple[str, ...] = INT4_OPS) -> str:
-    """What `int4` mode gives an op: int4 for the kinds in `int4_ops`, else int8."""
-    return "int4" if op.op in int4_ops else "int8"
+def _fixed_precision(op: WeightedOp, int4_ops: tuple[str, ...] = INT4_OPS,
+                     float16_ops: tuple[str, ...] = ()) -> str:
+    """What `int4` mode gives an op: int4 for the kinds in `int4_ops`, float16 for those in
+    `float16_ops`, else int8."""
+    return "int4" if op.op in int4_ops else "float16" if op.op in float16_ops else "int8"
 
 
-def _op_precision(mode: str, op: WeightedOp, int4_ops: tuple[str, ...] = INT4_OPS) -> str:
+def _op_precision(mode: str, op: WeightedOp, int4_ops: tuple[str, ...] = INT4_OPS,
+                  float16_ops: tuple[str, ...] = ()) -> str:
     """The weight precision `mode` gives `op` (as the report names it)."""
-    return _fixed_precision(op, int4_ops) if mode == "int4" else mode
+    return _fixed_precision(op, int4_ops, float16_ops) if mode == "int4" else mode
 
 
 # --- running the quantizer -----------------------------------------------------------------------
