@@ -8,9 +8,11 @@ one run: medians over interleaved rounds, ratios, the limits beside them, and th
 2. The default CNN on Fashion-MNIST: every variant of the suite, with ratios to float32.
 3. Time per stage of that run (as the stages recorded it in MLflow), before and after.
 4. Sparse storage of its pruned models against dense.
-5. Evaluation throughput: the batched runner against one image per invoke.
-6. A peer runtime: the same Keras model through ONNX (tf2onnx) and ONNX Runtime, fp32 and int8.
-7. Orchestration overhead: the same small pipeline through the Airflow DAG and the command line.
+5. int4 where it pays: the default CNN and MobileNetV2 quantized int8, int4 and int4 placed by
+   measured latency, side by side (benchmarks/int4.py).
+6. Evaluation throughput: the batched runner against one image per invoke.
+7. A peer runtime: the same Keras model through ONNX (tf2onnx) and ONNX Runtime, fp32 and int8.
+8. Orchestration overhead: the same small pipeline through the Airflow DAG and the command line.
 
 `--quick` (for tests/test_bench.py: the tables' shape, not their timings) uses a small stand-in
 for ResNet50, a reduced training budget and fewer variants, rounds and runs.
@@ -41,6 +43,7 @@ FULL = {
     "cnn": {"variants": None,  # None = the suite's defaults, like every other setting
             "args": [], "rounds": 3, "runs": 200, "warmup": 20},
     "sparse": {"rounds": 3, "runs": 200, "warmup": 20},
+    "int4": {"rounds": 3, "runs": 200, "warmup": 20},
     "throughput": {"rounds": 3},
     "peer": {"rounds": 3, "runs": 200, "warmup": 20},
     "orchestration": {"rounds": 2,
@@ -57,6 +60,7 @@ QUICK = {
                      "--set", "latency_runs=20", "--set", "latency_warmup=2"],
             "rounds": 1, "runs": 50, "warmup": 5},
     "sparse": {"rounds": 1, "runs": 50, "warmup": 5},
+    "int4": {"rounds": 1, "runs": 20, "warmup": 2},
     "throughput": {"rounds": 1},
     "peer": {"rounds": 1, "runs": 50, "warmup": 5},
     "orchestration": {"rounds": 1,
@@ -649,6 +653,12 @@ def section_sparse(bench: Bench) -> dict:
     }
 
 
+# ------------------------------------------------------------------ int4 where it pays
+def section_int4(bench: Bench) -> dict:
+    from benchmarks import int4
+    return int4.section(bench)
+
+
 # -------------------------------------------------------------------------- 4. peer runtime
 def section_peer(bench: Bench) -> dict:
     from benchmarks import peer
@@ -805,6 +815,13 @@ def section_orchestration(bench: Bench) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------ scaling
+def section_scaling(bench: Bench) -> dict:
+    from benchmarks import scaling
+    return scaling.section(bench.cache / "scaling", bench.runs_dir, bench.env, bench.quick,
+                           progress)
+
+
 # ----------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
@@ -845,9 +862,10 @@ def main(argv=None) -> int:
     progress("bench", f"{results['mode']} mode on {results['machine']['cpu_model']}, "
                       f"{results['machine']['cores']} cores, load {results['load_average_start']}")
     functions = {"resnet": section_resnet, "cnn": section_cnn, "stages": section_stages,
-                 "sparse": section_sparse,
+                 "sparse": section_sparse, "int4": section_int4,
                  "throughput": section_throughput,
-                 "peer": section_peer, "orchestration": section_orchestration}
+                 "peer": section_peer, "orchestration": section_orchestration,
+                 "scaling": section_scaling}
     for name in SECTIONS:
         if name not in wanted:
             continue

@@ -46,6 +46,20 @@ def airflow_db():
     return os.environ["AIRFLOW_HOME"]
 
 
+@pytest.fixture
+def register_dag():
+    """Puts a DAG defined in a test into the metadata DB, as the DAG processor does for files
+    in the DAGs folder (dag.test requires it): register_dag(dag, empty_folder)."""
+    def register(dag, empty_folder: Path) -> None:
+        from airflow.dag_processing.bundles.manager import DagBundlesManager
+        from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+        DagBundlesManager().sync_bundles_to_db()
+        bag = DagBag(dag_folder=str(empty_folder))
+        bag.bag_dag(dag)
+        sync_bag_to_db(bag, "dags-folder", None)
+    return register
+
+
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return SESSION_DIR
@@ -84,7 +98,7 @@ def tiny_model_path(small_dataset, session_dir):
         if type(layer).__name__ == "BatchNormalization":
             layer.momentum = 0.5
     compile_classifier(model, 2e-3)
-    fit(model, small_dataset, epochs=1, batch_size=64, verbose=0)
+    fit(model, small_dataset, epochs=1, batch_size=64)
     path = session_dir / "tiny.keras"
     model.save(str(path))
     return path

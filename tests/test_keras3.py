@@ -3,7 +3,6 @@ tf_keras model, untranslatable layers are named in the error, and TF-MOT's techn
 translation, which converts to LiteRT and runs."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -158,9 +157,7 @@ def test_tfmot_techniques_work_on_the_translation_and_it_converts(technique, tra
     config = PipelineConfig(finetune_epochs=1, prune_epochs=1, batch_size=64, seed=7,
                             cluster_count=CLUSTERS)
     module = {"prune": pruning, "cluster": clustering, "qat": qat}[technique]
-    few = dataclasses.replace(small_dataset, x_train=small_dataset.x_train[:384],  # 6 steps
-                              y_train=small_dataset.y_train[:384],
-                              x_val=small_dataset.x_val[:64], y_val=small_dataset.y_val[:64])
+    few = small_dataset.limited(train=384, val=64)  # 6 steps
     model = module.apply(load_model(translated_path), few, config, applied=())
 
     if technique == "prune":

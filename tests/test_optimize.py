@@ -30,8 +30,11 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def config():
+    """Quick settings taken as given: no sizing to the data, no retries (tests/test_small_models.py
+    covers both)."""
     return PipelineConfig(finetune_epochs=1, prune_epochs=1, distill_epochs=1, batch_size=32, seed=7,
-                          prune_sparsity=TARGET_SPARSITY, cluster_count=CLUSTERS)
+                          prune_sparsity=TARGET_SPARSITY, cluster_count=CLUSTERS,
+                          size_to_data=False, technique_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def base_path(dataset, tmp_path_factory):
         if type(layer).__name__ == "BatchNormalization":
             layer.momentum = 0.5
     compile_classifier(model, 2e-3)
-    fit(model, dataset, epochs=1, batch_size=32, verbose=0)
+    fit(model, dataset, epochs=1, batch_size=32)
     path = tmp_path_factory.mktemp("base") / "base.keras"
     model.save(path)
     return str(path)
@@ -116,9 +119,13 @@ def test_prune_reaches_the_target_sparsity(base_path, dataset, config, tmp_path)
     result = apply_recipe("prune", base_path, dataset, config, tmp_path)
     model = load_optimized(result["model_path"])
 
-    pruned = pruning.layers_to_prune(base, structured=False)
+    plan = pruning.layer_plan(fuse_layers(base), config)
+    pruned = set(plan)
     assert pruned == {"conv2d_1", "dense", "dense_1"}  # the 288-weight first conv stays dense
-    targets = pruning.layer_sparsity(fuse_layers(base), pruned, config)
+    targets = {name: layer["sparsity"] for name, layer in plan.items()}
+    assert result["settings"]["prune"]["prune_layers"] == plan
+    assert [attempt["settings"] for attempt in result["attempts"]["prune"]] == \
+        [result["settings"]["prune"]]
     # The largest kernel (the dense head, 3136x128) gets the target; smaller ones less.
     assert targets["dense"] == TARGET_SPARSITY
     assert TARGET_SPARSITY > targets["conv2d_1"] > targets["dense_1"] > 0.1
@@ -296,7 +303,7 @@ def stage_context(name: str, base_model: str, dataset, config, tmp_path, monkeyp
         base_model_kind="tf_keras",
         # What train hands on for a tf_keras model: the techniques start from it as it is.
         technique_base_uri=base_model_uri, techniques_unavailable=None,
-        dataset_uri=artifacts.store(parent, dataset.save(tmp_path / "dataset.npz"),
+        dataset_uri=artifacts.store(parent, dataset.save(tmp_path / "dataset.json"),
                                     stages.TRAIN_FOLDER),
         # optimize reads neither: no reference model or predictions in these tests
         reference=Reference(tflite_uri="", accuracy=0.0, size_bytes=0, keras_accuracy=0.0),

@@ -305,7 +305,7 @@ def layernorm_model_path(small_dataset, tmp_path_factory) -> str:
     from tests.conftest import layernorm_classifier
     model = layernorm_classifier(small_dataset)
     compile_classifier(model, 2e-3)
-    fit(model, small_dataset, epochs=1, batch_size=64, verbose=0)
+    fit(model, small_dataset, epochs=1, batch_size=64)
     path = tmp_path_factory.mktemp("layernorm") / "layernorm.keras"
     model.save(str(path))
     return str(path)
@@ -606,8 +606,8 @@ def test_a_run_killed_while_quantizing_resumes_with_the_same_result(tmp_path, mo
     pid = process.pid
     planted = {
         run_dir / "baseline.tmp.keras": (baseline, baseline.read_bytes()[:1000]),
-        run_dir / "dataset.tmp.npz": (run_dir / "dataset.npz",
-                                      (run_dir / "dataset.npz").read_bytes()[:1000]),
+        run_dir / f".dataset.json.tmp-{pid}": (run_dir / "dataset.json",
+                                               (run_dir / "dataset.json").read_bytes()[:1000]),
         run_dir / f".context.json.tmp-{pid}": (run_dir / "context.json",
                                                b'{"pipeline_run_id": "trunc'),
         run_dir / "keras_predictions" / f".baseline.npy.tmp-{pid}": (

@@ -304,9 +304,15 @@ def test_stages_run_on_workers_that_share_no_folder(stack, tmp_path):
     # The files went through the server into S3, under the parent run's exchange/ folder.
     parent = stack.mlflow.get_run(ctx["parent_run_id"])
     keys = bucket_keys(stack)
-    for path in ("exchange/train/dataset.npz", "exchange/baseline/baseline.keras",
+    for path in ("exchange/train/dataset.json", "exchange/baseline/baseline.keras",
                  "exchange/train/float32.tflite"):
         assert s3_key(parent.info.artifact_uri, path) in keys, path
+    # No task stored the dataset's pixels: what travelled is its manifest (an index of labels
+    # and split ids), smaller than the 600 training images' pixels would be as uint8.
+    assert not [k for k in keys if k.endswith((".npz", ".tfrecord"))]
+    manifest = stack.bucket.head_object(
+        Bucket=BUCKET, Key=s3_key(parent.info.artifact_uri, "exchange/train/dataset.json"))
+    assert manifest["ContentLength"] < 600 * 28 * 28, manifest["ContentLength"]
     assert any(k.startswith(s3_key(parent.info.artifact_uri, "exchange/optimized/prune/"))
                and k.endswith(".keras") for k in keys)
 
@@ -426,7 +432,7 @@ def test_a_download_during_an_outage_names_the_artifact_store(s3_down, pipeline_
         monkeypatch.setenv(name, value)
     ctx = json.loads((pipeline_run.run_dir / "context.json").read_text())
     with pytest.raises(tracking.ArtifactStoreError,
-                       match=r"^could not fetch artifact exchange/train/dataset.npz .* artifact "
+                       match=r"^could not fetch artifact exchange/train/dataset.json .* artifact "
                              r"store is unreachable or failing .*the download"):
         artifacts.fetch(ctx["dataset_uri"])
 

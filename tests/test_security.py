@@ -137,7 +137,7 @@ def test_no_secret_in_the_mlflow_store_or_the_server_log(planted_run):
     artifacts = files_under(root / "artifacts")
     # The files the tasks handed each other (exchange/), the variants, the parent run's records
     # and the registered model are all there.
-    assert {"dataset.npz", "baseline.keras", "float32.tflite", "baseline.npy", "model.tflite",
+    assert {"dataset.json", "baseline.keras", "float32.tflite", "baseline.npy", "model.tflite",
             "summary.md", "selection.json", "register.json", "MLmodel"} <= {p.name for p in artifacts}
     assert leaks_in_files(root / "artifacts") == {}
     assert client.search_model_versions("name = 'security-model'")
@@ -158,6 +158,6 @@ def test_no_secret_in_the_work_folder(planted_run):
     (parent,) = [r for r in client.search_runs([experiment.experiment_id])
                  if r.data.tags.get("run_role") == "parent"]
     cached = files_under(work / "cache" / parent.info.run_id)
-    assert "dataset.npz" in {p.name for p in cached}, cached
+    assert "dataset.json" in {p.name for p in cached}, cached
     assert "model.tflite" in {p.name for p in files_under(work / "cache")}
     assert leaks_in_files(work) == {}

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineInputError, unreadable_file_errors
-from pipeline.files import write_json
+from pipeline.files import write_text
 from pipeline.sources.readers import (ArrayReader, FileReader, TFRecordReader, UnreadableImage,
                                       decode_workers, image_geometry, index_tfrecord,
                                       is_tfrecord)
@@ -191,8 +191,8 @@ class Dataset:
 
     # -- persistence: the manifest only
     def save(self, path: str | Path) -> Path:
-        """The manifest as JSON (atomic): what another task opens with `Dataset.load`."""
-        return write_json(path, self.manifest)
+        """The manifest as compact JSON (atomic): what another task opens with `Dataset.load`."""
+        return write_text(path, json.dumps(self.manifest, separators=(",", ":")))
 
     @classmethod
     def load(cls, path: str | Path) -> "Dataset":

@@ -242,7 +242,8 @@ def predict_classes(model, images, batch_size: int = 512) -> np.ndarray:
     (a streamed split: `Dataset.batches`)."""
     if isinstance(images, np.ndarray):
         return np.asarray(model.predict(images, batch_size=batch_size, verbose=0)).argmax(axis=-1)
-    parts = [np.asarray(model.predict_on_batch(x)).argmax(axis=-1) for x, _ in images if len(x)]
+    run = getattr(model, "predict_on_batch", None) or (lambda x: model.predict(x, verbose=0))
+    parts = [np.asarray(run(x)).argmax(axis=-1) for x, _ in images if len(x)]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
