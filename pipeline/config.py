@@ -91,6 +91,11 @@ class PipelineConfig:
                                    "teacher's soft targets)", minimum=0, maximum=1)
     student_width: float = setting(0.5, "Student filters = teacher filters x width",
                                    exclusiveMinimum=0, exclusiveMaximum=1)
+    size_to_data: bool = setting(True, "Training-time techniques: smaller batches and more "
+                                 "epochs when training images are few (enough optimizer steps), "
+                                 "BatchNorm statistics refreshed, a student of at least 2,000 "
+                                 "weights; off = batch_size and the epoch settings as given "
+                                 "(quick test runs)")
     technique_retries: int = setting(2, "Retries of a training-time technique whose model falls "
                                      "far below the accuracy budget on the validation split, each "
                                      "more conservative (lower sparsity, more clusters, a wider "

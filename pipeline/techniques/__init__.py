@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +62,12 @@ def finetune(model, dataset, config, *, learning_rate: float, from_logits: bool,
              epochs: int | None = None, callbacks=()):
     """Compile with a cosine-decayed rate and fit for `epochs` (default
     `config.finetune_epochs`) epochs, BatchNorm's moving averages forgetting the statistics of
-    the model before the fine-tuning (`batchnorm_momentum`)."""
+    the model before the fine-tuning (`batchnorm_momentum`, with `config.size_to_data`)."""
     epochs = epochs or config.finetune_epochs
     steps = math.ceil(training_image_count(dataset) / config.batch_size)
     compile_classifier(model, cosine_schedule(learning_rate, epochs, steps),
                        from_logits=from_logits)
-    with batchnorm_momentum(model, epochs * steps):
+    with batchnorm_momentum(model, epochs * steps) if config.size_to_data else nullcontext():
         fit(model, dataset, epochs=epochs, batch_size=config.batch_size, callbacks=callbacks,
             seed=config.seed)  # no flips: they did not help these short fine-tunings
 

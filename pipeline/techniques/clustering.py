@@ -27,7 +27,7 @@ RELAXED_EPOCHS_FACTOR = 2
 def settings(model, dataset, config) -> dict:
     """What `apply` uses on this model and data."""
     plan = sizing.fine_tuning("finetune", config.finetune_epochs, config.batch_size,
-                              training_image_count(dataset))
+                              training_image_count(dataset), to_data=config.size_to_data)
     return {"cluster_count": config.cluster_count, "finetune_epochs": plan.epochs,
             "batch_size": plan.batch_size}
 

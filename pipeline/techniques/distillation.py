@@ -24,7 +24,7 @@ initial 0 / 1. Backing off, each retry halves the gap between the width and 1 an
 from __future__ import annotations
 
 import math
-
+from contextlib import nullcontext
 
 from pipeline import techniques
 from pipeline.sources.models import build_cnn, count_macs, tf_keras
@@ -45,9 +45,10 @@ def settings(model, dataset, config) -> dict:
     """What `apply` uses on this teacher and data: the student's width (`student_width`, or
     wider for a small teacher), epochs and batch size."""
     affordable = math.sqrt(MIN_STUDENT_WEIGHTS / max(1, model.count_params()))
-    width = max(config.student_width, min(MAX_WIDTH, _step_up(affordable)))
+    width = max(config.student_width, min(MAX_WIDTH, _step_up(affordable))) \
+        if config.size_to_data else config.student_width
     plan = sizing.fine_tuning(NAME, config.distill_epochs, config.batch_size,
-                              training_image_count(dataset))
+                              training_image_count(dataset), to_data=config.size_to_data)
     return {"student_width": width, "distill_epochs": plan.epochs,
             "batch_size": plan.batch_size}
 
@@ -81,7 +82,9 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
             "lower student_width")
 
     steps = config.distill_epochs * math.ceil(training_image_count(dataset) / config.batch_size)
-    with techniques.batchnorm_momentum(student, steps):
+    refresh = techniques.batchnorm_momentum(student, steps) if config.size_to_data \
+        else nullcontext()
+    with refresh:
         fit_to_teacher(student, teacher, dataset, config, epochs=config.distill_epochs,
                        learning_rate=config.learning_rate)
     # An uncompiled copy: it saves without the custom loss and optimizer state.

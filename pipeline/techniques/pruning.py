@@ -72,7 +72,7 @@ def settings(model, dataset, config) -> dict:
     """What `apply` uses on this model and data: the largest kernel's target, epochs and batch
     size (config fields) and, for the record, each pruned layer's sparsity and block."""
     plan = sizing.fine_tuning(NAME, config.prune_epochs, config.batch_size,
-                              training_image_count(dataset))
+                              training_image_count(dataset), to_data=config.size_to_data)
     return {"prune_sparsity": config.prune_sparsity, "prune_epochs": plan.epochs,
             "batch_size": plan.batch_size,
             "prune_layers": layer_plan(techniques.fuse_layers(model), config)}

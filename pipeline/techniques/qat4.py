@@ -48,7 +48,7 @@ def settings(model, dataset, config) -> dict:
     """What `apply` uses on this model and data: epochs and batch size from the number of
     training images (`sizing.fine_tuning`)."""
     plan = sizing.fine_tuning("finetune", config.finetune_epochs, config.batch_size,
-                              training_image_count(dataset))
+                              training_image_count(dataset), to_data=config.size_to_data)
     return {"finetune_epochs": plan.epochs, "batch_size": plan.batch_size}
 
 

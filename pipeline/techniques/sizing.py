@@ -47,9 +47,13 @@ def batch_size(configured: int, images: int) -> int:
 
 
 def fine_tuning(kind: str, configured_epochs: int, configured_batch: int,
-                images: int) -> FineTuning:
+                images: int, *, to_data: bool = True) -> FineTuning:
     """Batch size and epochs for a fine-tuning of `kind` (a MIN_STEPS key): the configured
-    figures, with a smaller batch and more epochs when they would give too few steps."""
+    figures, with a smaller batch and more epochs when they would give too few steps (unless
+    `to_data` is off: `config.size_to_data`)."""
+    if not to_data:
+        return FineTuning(configured_batch, configured_epochs,
+                          max(1, math.ceil(images / configured_batch)))
     batch = batch_size(configured_batch, images)
     steps_per_epoch = max(1, math.ceil(images / batch))
     epochs = max(configured_epochs, math.ceil(MIN_STEPS[kind] / steps_per_epoch))
