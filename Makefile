@@ -1,7 +1,10 @@
-# One-command set-up: every target installs what it needs (virtualenv, pinned requirements,
+# One-command set-up: every target installs what it needs (virtualenv, locked requirements,
 # the Debian dataset package, an Airflow home inside the project).
 SHELL := /bin/bash
-PYTHON ?= python3.11
+# The interpreter of the virtualenv: the first of these that runs here (the dependency set
+# installs on each: README "Python versions"); e.g. make install PYTHON=python3.13.
+SUPPORTED_PYTHONS := python3.11 python3.12 python3.13
+PYTHON ?= $(firstword $(foreach python,$(SUPPORTED_PYTHONS),$(if $(shell $(python) -c '' 2>/dev/null && echo yes),$(python))))
 VENV := .venv
 PY := $(VENV)/bin/python
 export AIRFLOW_HOME := $(CURDIR)/.airflow
@@ -17,10 +20,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Extra options for `make run`, e.g. make run ARGS="--train-limit 5000 --variants float32,int8"
 ARGS ?=
 
-.PHONY: help install dataset airflow-db run cli test test-slow bench mlflow-ui serve lock clean
+.PHONY: help install dataset airflow-db run cli lint test test-fast test-stack test-slow chromium bench mlflow-ui serve lock clean
 help:
 	@echo "make run        the whole DAG end to end through Airflow (embedded SQLite, local MLflow)"
-	@echo "make test       the test suite"
+	@echo "make test       the test suite (what CI runs): make test-fast, then make test-stack"
+	@echo "make test-fast  unit and single-process pipeline tests (a developer's loop)"
+	@echo "make test-stack the tests that start the local stack, Chromium or Celery workers"
 	@echo "make bench      side-by-side performance tables (benchmarks/results.md)"
 	@echo "make cli        the same pipeline without Airflow (python -m pipeline run)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 for the local store"
@@ -28,26 +33,36 @@ help:
 	@echo "make up         MLflow server + Airflow on 127.0.0.1 (:5000, :8080); make status / make down"
 	@echo "make up EXECUTOR=celery WORKERS=2   the same on PostgreSQL, Redis, S3 and Celery workers"
 
-# requirements-celery.txt and requirements-stack.txt: what `make up` runs (supervisord, the
-# Celery executor, moto_server); small next to the TensorFlow stack, so always installed.
-RUNTIME_REQUIREMENTS := requirements.txt requirements-celery.txt requirements-stack.txt
-# constraints.txt locks every transitive version; the project itself is installed editable
-# (importable by Airflow's processes, `model-compression` console script).
-$(VENV)/.installed: $(RUNTIME_REQUIREMENTS) constraints.txt pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# pyproject.toml's extras: `airflow` (Airflow, the Celery executor, PostgreSQL drivers) and
+# `stack` (supervisord, moto_server: what `make up` runs) are small next to the TensorFlow stack,
+# so always installed; `test` and `bench` for make test and make bench. constraints.txt locks
+# every transitive version. The project is installed editable (importable by Airflow's
+# processes, the `model-compression` console script, the plugin's entry point); setuptools
+# leaves an .egg-info in the project folder, which is removed: the project folder is on
+# sys.path for `python -m` and the tests, and Airflow would find the plugin's entry point twice.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || { test -n "$(PYTHON)" || { echo "no python3.11, python3.12 or python3.13 runs here: install one, or make PYTHON=/path/to/python" >&2; exit 1; }; \
+	  $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(addprefix -r ,$(RUNTIME_REQUIREMENTS)) -c constraints.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet -e ".[airflow,stack]" -c constraints.txt
+	rm -rf model_compression_pipeline.egg-info
 	@touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-bench.txt
-	$(PY) -m pip install --quiet -r requirements-test.txt -r requirements-bench.txt -c constraints.txt
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[airflow,stack,test,bench]" -c constraints.txt
+	rm -rf model_compression_pipeline.egg-info
 	@touch $@
 
-# Rewrite constraints.txt from the virtualenv (after changing a requirements file and installing).
+# After changing pyproject.toml's requirements (and installing): rewrite constraints.txt from the
+# virtualenv, then the hashed locks from it with uv (requirements.lock: the package and its
+# `airflow` extra, for docker/Dockerfile; docker/mlflow/requirements.lock for the MLflow image).
+LOCK_OPTIONS := -c constraints.txt --generate-hashes --python-version 3.11 --python-platform linux --quiet
 lock:
-	$(PY) -m pip freeze --exclude-editable | grep -v '^model-compression-pipeline' \
-	  | cat <(sed -n '1,2p' constraints.txt) - > constraints.tmp && mv constraints.tmp constraints.txt
+	$(PY) -m pip freeze --exclude-editable --exclude uv | grep -v '^model-compression-pipeline' \
+	  | cat <(sed -n '1,3p' constraints.txt) - > constraints.tmp && mv constraints.tmp constraints.txt
+	$(PY) -m pip install --quiet "uv>=0.13,<0.14"
+	$(VENV)/bin/uv pip compile pyproject.toml --extra airflow $(LOCK_OPTIONS) -o requirements.lock
+	$(VENV)/bin/uv pip compile docker/mlflow/requirements.in $(LOCK_OPTIONS) -o docker/mlflow/requirements.lock
 
 install: $(VENV)/.installed
 
@@ -72,18 +87,42 @@ run: install dataset airflow-db
 cli: install dataset
 	$(PY) -m pipeline run $(ARGS)
 
-test: $(VENV)/.installed-test dataset
+# The test tiers (markers registered in pyproject.toml): make test = lint, types and every test
+# but the slow ones (what the README and CI run); test-fast = unit and single-process pipeline
+# tests; test-stack = those that start the local stack (scripts/stack.py), Chromium or Celery
+# workers. Each target installs what its tests need.
+FAST_TESTS := not stack and not browser and not celery and not slow
+STACK_TESTS := (stack or browser or celery) and not slow
+lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check pipeline dags plugins tests benchmarks scripts
 	$(VENV)/bin/mypy
+
+test: lint dataset chromium stack-servers
 	$(PY) -m pytest -q -m "not slow" tests
+
+test-fast: lint dataset
+	$(PY) -m pytest -q -m "$(FAST_TESTS)" tests
+
+test-stack: $(VENV)/.installed-test dataset chromium stack-servers
+	$(PY) -m pytest -q -m "$(STACK_TESTS)" tests
 
 # The load test (4 concurrent DAG runs on the local stack; ~10 min on 2 cores) and anything else
 # marked slow.
-test-slow: $(VENV)/.installed-test dataset
+test-slow: $(VENV)/.installed-test dataset stack-servers
 	$(PY) -m pytest -q -m slow tests
 
-$(VENV)/.installed-bench: $(VENV)/.installed requirements-bench.txt
-	$(PY) -m pip install --quiet -r requirements-bench.txt -c constraints.txt
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "installing chromium (Debian package)"; \
+	  $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null; }; \
+	fi
+	@test -x /usr/bin/chromium || { echo "Chromium is still missing: apt-get install chromium" >&2; exit 1; }
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[airflow,stack,bench]" -c constraints.txt
+	rm -rf model_compression_pipeline.egg-info
 	@touch $@
 
 # Side-by-side performance tables: benchmarks/results.md and results.json (trains the default CNN;

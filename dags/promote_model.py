@@ -11,6 +11,7 @@ once with a message naming the problem and changes nothing; it is not retried.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
@@ -39,8 +40,10 @@ log = logging.getLogger(__name__)
     tags=["compression", "mlflow", "registry"],
 )
 def promote_model():
-    @task
+    @task(execution_timeout=timedelta(minutes=10))  # a few MLflow registry calls
     def promote() -> dict:
+        """Point the alias at the version after checking it exists and passed its gates; log
+        the move (and the version it replaced)."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from pipeline.store import registry, tracking

@@ -12,6 +12,8 @@ load fails the task at once with a message naming the problem, emits no event, a
 """
 from __future__ import annotations
 
+from datetime import timedelta
+
 from airflow.sdk import Param, dag, get_current_context, task
 
 from pipeline.airflow_adapter.assets import TRAINING_DATASET
@@ -29,8 +31,11 @@ from pipeline.airflow_adapter.assets import TRAINING_DATASET
     tags=["compression", "dataset"],
 )
 def publish_dataset():
-    @task(outlets=[TRAINING_DATASET])
+    # Loads and checks every image: an hour covers large folders on a slow shared disk.
+    @task(outlets=[TRAINING_DATASET], execution_timeout=timedelta(hours=1))
     def publish() -> dict:
+        """Load and check the dataset as training will, then emit the asset event naming it
+        (with its image counts, classes and input shape)."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from pipeline.airflow_adapter.assets import dataset_event_extra

@@ -3,7 +3,7 @@
 # service starts only after it exits 0):
 #   1. refuse to start with a "change-me" placeholder left over from docker/.env.example,
 #   2. check the Fernet key is one (a bad key otherwise fails much later, on the first secret stored),
-#   3. migrate the Airflow metadata database (idempotent),
+#   3. migrate the Airflow metadata database and set the pool `training` (both idempotent),
 #   4. write the admin's password for Airflow 3's default simple auth manager: it reads user passwords
 #      from AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE (a volume shared with the api-server).
 #      The file is rewritten on every run, so changing AIRFLOW_ADMIN_PASSWORD in docker/.env and
@@ -33,6 +33,11 @@ except (KeyError, ValueError) as error:
 PY
 
 airflow db migrate
+
+# The pool the DAG's train and optimize take a slot of: training at once across DAG runs. One
+# slot per airflow-worker-training container is a good size (AIRFLOW_TRAINING_POOL_SLOTS).
+airflow pools set training "${AIRFLOW_TRAINING_POOL_SLOTS:-1}" \
+  "model_compression's train and optimize: training at once across DAG runs"
 
 python - <<'PY'
 import json

@@ -70,6 +70,9 @@ BIN = Path(sys.executable).parent  # the virtualenv's bin/: airflow, mlflow, sup
 AIRFLOW_USER = "admin"
 DEFAULT_QUEUE = "default"  # Airflow's [operators] default_queue: every task without queue=...
 TRAINING_QUEUE = "training"  # train and optimize (DESIGN: Celery topology)
+# The pool the DAG's train and optimize take a slot of, so concurrent runs take turns training.
+TRAINING_POOL = "training"
+TRAINING_POOL_DESCRIPTION = "model_compression's train and optimize: training at once across DAG runs"
 # Start order, also supervisord's priority (it stops the programs in the reverse order).
 INFRA, TRACKING, AIRFLOW, WORKERS = 100, 200, 300, 400
 # What may hold S3 credentials: given to the MLflow server (and the bucket step) only.
@@ -690,6 +693,27 @@ def migrate_airflow_db(settings: Settings, env: dict[str, str]) -> None:
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=PROJECT)
     if result.returncode != 0:
         raise StackError(f"`airflow db migrate` failed: see {log}\n{tail(log)}")
+    slots = training_pool_slots(settings)
+    with open(log, "a") as out:
+        result = subprocess.run([str(BIN / "airflow"), "pools", "set", TRAINING_POOL, str(slots),
+                                 TRAINING_POOL_DESCRIPTION],
+                                env={**supervisord_environment(settings), **env}, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=PROJECT)
+    if result.returncode != 0:
+        raise StackError(f"`airflow pools set {TRAINING_POOL}` failed: see {log}\n{tail(log)}")
+
+
+def training_pool_slots(settings: Settings) -> int:
+    """Slots of the pool `training`: PIPELINE_TRAINING_POOL_SLOTS, else one per worker that
+    consumes the queue `training` (Celery), else 1 (the LocalExecutor's one host)."""
+    configured = os.environ.get("PIPELINE_TRAINING_POOL_SLOTS", "")
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            raise StackError(f"PIPELINE_TRAINING_POOL_SLOTS={configured!r} is not a positive number")
+        return int(configured)
+    if settings.celery:
+        return max(1, sum(TRAINING_QUEUE in entry.split(",") for entry in settings.worker_queues))
+    return 1
 
 
 def check_ports(settings: Settings, listed: list[Program]) -> None:

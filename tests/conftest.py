@@ -28,13 +28,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# The local service stack's fixtures (`stack`), one definition for every module that uses them.
+pytest_plugins = ["conftest_stack"]
+
 # Small settings that keep each test to seconds on 2 cores.
 QUICK = {"epochs": 1, "train_limit": 1200, "test_limit": 500, "finetune_epochs": 1, "prune_epochs": 1,
          "distill_epochs": 1, "latency_runs": 20, "latency_warmup": 3, "calibration_samples": 64}
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes minutes; deselect with -m 'not slow'")
 
 
 @pytest.fixture(scope="session")

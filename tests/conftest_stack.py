@@ -1,11 +1,12 @@
-"""The local service stack (`scripts/stack.py`, i.e. `make up`) for the end-to-end tests.
+"""The local service stack (`scripts/stack.py`, i.e. `make up`) for the end-to-end tests: a pytest
+plugin (tests/conftest.py lists it in `pytest_plugins`), so every module sees one `stack` fixture.
 
-`stack` is a session fixture: the stack starts once per test session, whichever of
-test_browser.py and test_stack.py asks first (starting Airflow is the slow part), on free ports,
-with its own Airflow home, MLflow store, work folder and stack folder in the session's temporary
-directory, so it never touches the user's .airflow/, .mlflow/ or .stack/ nor a stack they run.
-Both modules import it (`from conftest_stack import stack`); pytest then holds one fixture
-definition per module, so the stack object itself is kept here and shared.
+`stack` hands each test the running stack: it starts once per test session, whichever test asks
+first (starting Airflow is the slow part), and again for the next test that asks after one
+stopped it, so no test depends on the order they run in. It runs on free ports, with its own
+Airflow home, MLflow store, work folder and stack folder in the session's temporary directory,
+so it never touches the user's .airflow/, .mlflow/ or .stack/ nor a stack they run. What it
+knows about a stack's processes and ports comes from scripts/stack.py itself (`stack_script`).
 
 As soon as the stack answers, the fixture triggers test_stack.py's DAG run through the REST API
 (`Stack.api_run_id`), so that it runs while the browser test works through the UI: two small
@@ -13,13 +14,16 @@ runs side by side take less time than one after the other, and test_stack.py che
 
 The stack is stopped by test_stack.py's last test (which checks that nothing is left) or, when
 that test did not run, at the end of the session.
+
+The browser is Debian's /usr/bin/chromium, which `make test` and `make test-stack` install
+(`make chromium`); without it the browser tests are skipped with the command that installs it.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +39,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK_SCRIPT = ROOT / "scripts" / "stack.py"
+
+
+def _load_stack_script():
+    """scripts/stack.py as a module (it is a script, not part of a package)."""
+    spec = importlib.util.spec_from_file_location("stack_script", STACK_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+stack_script = _load_stack_script()
 DAG_ID = "model_compression"
 CHROMIUM = "/usr/bin/chromium"
 # What keeps a DAG run small on 2 cores beyond its conf: the measurement settings are not DAG
@@ -68,11 +84,8 @@ def free_port(avoid: set[int] = frozenset()) -> int:
 
 
 def port_listening(port: int) -> bool:
-    """Whether anything accepts connections on `port` of any local address."""
-    for conn in psutil.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
-            return True
-    return False
+    """Whether anything holds `port` on 127.0.0.1, as `make up` checks it before starting."""
+    return stack_script.port_holder(port) is not None
 
 
 class Stack:
@@ -140,28 +153,9 @@ class Stack:
                 if program["pid"]}
 
     def processes(self) -> list[psutil.Process]:
-        """Every live process of the stack: its supervisord and whatever that started, with
-        their descendants, even one whose parent died: they carry supervisord's socket in
-        SUPERVISOR_SERVER_URL, or, where a process title hides the environment (Airflow's
-        components set one), work in the stack's run/ (or PostgreSQL's) folder."""
-        marker = f"unix://{self.stack_dir / 'supervisor.sock'}"
-        config = str(self.stack_dir / "supervisord.conf")
-        run_dir, postgres_dir = str(self.stack_dir / "run"), str(self.stack_dir / "postgres")
-        found: dict[int, psutil.Process] = {}
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                cwd = proc.cwd()
-                if proc.environ().get("SUPERVISOR_SERVER_URL") == marker or cwd == run_dir \
-                        or cwd.startswith(postgres_dir + os.sep) or config in proc.cmdline():
-                    found[proc.pid] = proc
-                    for child in proc.children(recursive=True):
-                        found.setdefault(child.pid, child)
-        alive = []
-        for proc in found.values():
-            with contextlib.suppress(psutil.Error):
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-        return alive
+        """Every live process of the stack, as `stack.py down` finds them (its supervisord,
+        what that started and their descendants, even one whose parent died)."""
+        return stack_script.stack_processes(stack_script.Settings.from_env(self.env))
 
     # -- Airflow's REST API ---------------------------------------------------------------------
 
@@ -271,46 +265,50 @@ class Stack:
         return found[0]
 
 
-_shared: dict[str, Stack] = {}
+class RunningStack:
+    """The session's stack: started on first use, and again after a test stopped it."""
+
+    def __init__(self, session_dir: Path):
+        self.session_dir = session_dir
+        self.current: Stack | None = None
+
+    def get(self) -> Stack:
+        if self.current is None or self.current.stopped:
+            base = self.session_dir / f"stack-{len(list(self.session_dir.glob('stack-*')))}"
+            base.mkdir(parents=True)
+            self.current = Stack(base)
+            try:
+                self.current.up()
+                self.current.wait_for_dag()
+                self.current.unpause()
+                self.current.api_run_id = self.current.trigger(API_RUN_CONF)
+            except BaseException:
+                self.current.down()
+                raise
+        return self.current
+
+    def stop(self) -> None:
+        if self.current is not None and not self.current.stopped:
+            result = self.current.down()
+            assert result.returncode == 0, result.stderr
 
 
 @pytest.fixture(scope="session")
-def stack(session_dir) -> Stack:
+def running_stack(session_dir):
+    holder = RunningStack(session_dir)
+    yield holder
+    holder.stop()
+
+
+@pytest.fixture
+def stack(running_stack) -> Stack:
     """The running stack (started on first use; again if a test stopped it)."""
-    current = _shared.get("stack")
-    if current is None or current.stopped:
-        base = session_dir / f"stack-{len(list(session_dir.glob('stack-*')))}"
-        base.mkdir(parents=True)
-        current = _shared["stack"] = Stack(base)
-        try:
-            current.up()
-            current.wait_for_dag()
-            current.unpause()
-            current.api_run_id = current.trigger(API_RUN_CONF)
-        except BaseException:
-            current.down()
-            raise
-    yield current
-    if not current.stopped:
-        result = current.down()
-        assert result.returncode == 0, result.stderr
+    return running_stack.get()
 
 
-def ensure_chromium() -> str:
-    """/usr/bin/chromium, installed with apt-get (Debian package `chromium`) when missing."""
-    if Path(CHROMIUM).exists():
-        return CHROMIUM
-    apt = shutil.which("apt-get")
-    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
-    if apt is None or sudo is None:
-        pytest.skip(f"{CHROMIUM} is missing and cannot be installed here (needs apt-get as root "
-                    "or passwordless sudo): apt-get install chromium")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = [*sudo, apt, "install", "-y", "-q", "chromium"]
-    result = subprocess.run(install, env=env, capture_output=True, text=True)
-    if result.returncode != 0:  # a stale package list: refresh it once
-        subprocess.run([*sudo, apt, "update", "-q"], env=env, capture_output=True, text=True)
-        result = subprocess.run(install, env=env, capture_output=True, text=True)
-    assert result.returncode == 0 and Path(CHROMIUM).exists(), \
-        f"could not install chromium with apt-get:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+def chromium() -> str:
+    """/usr/bin/chromium; the browser tests are skipped without it."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make chromium` installs it (Debian package chromium; "
+                    "make test and make test-stack do it first)")
     return CHROMIUM

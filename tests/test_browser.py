@@ -3,7 +3,7 @@ the Airflow UI, open `model_compression`'s trigger form, set a small configurati
 fields, trigger, wait for success, then open the run in the MLflow UI.
 
 Screenshots of every step go to test-artifacts/browser/. The browser is Debian's chromium
-(installed with apt-get when missing, see conftest_stack.ensure_chromium); Playwright never
+(`make chromium` installs it; see conftest_stack.chromium); Playwright never
 downloads one. The stack is shared with test_stack.py (see conftest_stack.py).
 """
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest_stack import DAG_ID, ROOT, ensure_chromium, stack  # noqa: F401
+from conftest_stack import DAG_ID, ROOT, chromium
+
+pytestmark = [pytest.mark.browser, pytest.mark.stack]
 
 SHOTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -25,7 +27,7 @@ FORM = {"epochs": "1", "train_limit": "600", "test_limit": "200", "variants": "f
 
 @pytest.fixture(scope="module")
 def page():
-    executable = ensure_chromium()
+    executable = chromium()
     from playwright.sync_api import sync_playwright
     SHOTS.mkdir(parents=True, exist_ok=True)
     for old in SHOTS.glob("*.png"):

@@ -26,6 +26,8 @@ import pytest
 
 from conftest_stack import DAG_ID, ROOT, Stack, free_port, port_listening
 
+pytestmark = [pytest.mark.celery, pytest.mark.stack]
+
 EXPERIMENT = "model-compression"  # the default: the stack's MLflow store is new
 MODEL_NAME = "fashion-mnist-classifier"
 VARIANTS = ["float32", "dynamic", "int8", "prune-int8", "cluster-dynamic"]

@@ -17,10 +17,10 @@ from datetime import datetime
 
 import pytest
 
-from conftest_stack import DAG_ID, Stack, stack  # noqa: F401
+from conftest_stack import DAG_ID, Stack
 from pipeline.store.tracking import CONTRACT_METRICS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
 RUNS = 4  # the DAG's max_active_runs
 EXPERIMENT = "load-test"

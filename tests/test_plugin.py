@@ -171,18 +171,7 @@ def test_redirect_requires_an_airflow_login(plugin):
     assert response.status_code == 401
 
 
-def register_in_metadata_db(dag, empty_folder):
-    """What the DAG processor does for files in the DAGs folder (dag.test requires it), as
-    dag.test itself does it."""
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
-    DagBundlesManager().sync_bundles_to_db()
-    bag = DagBag(dag_folder=str(empty_folder))
-    bag.bag_dag(dag)
-    sync_bag_to_db(bag, "dags-folder", None)
-
-
-def test_redirect_reads_the_variant_from_a_real_dag_runs_plan(plugin, client, ui, airflow_db,
+def test_redirect_reads_the_variant_from_a_real_dag_runs_plan(plugin, client, ui, airflow_db, register_dag,
                                                               monkeypatch, tmp_path):
     """A stand-in for the pipeline DAG with its shape (plan -> train -> mapped `variant` group),
     run by Airflow: the map index is resolved through the `plan` task's XCom in the metadata DB."""
@@ -210,7 +199,7 @@ def test_redirect_reads_the_variant_from_a_real_dag_runs_plan(plugin, client, ui
 
     with DAG("mlflow_link_standin", schedule=None) as dag:
         variant.partial(ctx=train()).expand(variant=plan())
-    register_in_metadata_db(dag, tmp_path)
+    register_dag(dag, tmp_path)
     dag_run = dag.test()
     assert dag_run.state == "success"
 

@@ -12,7 +12,9 @@ import socket
 import psutil
 import pytest
 
-from conftest_stack import API_RUN_CONF, DAG_ID, Stack, free_port, port_listening, stack  # noqa: F401
+from conftest_stack import API_RUN_CONF, DAG_ID, Stack, free_port, port_listening
+
+pytestmark = pytest.mark.stack
 
 AIRFLOW_COMPONENTS = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
                       "airflow-triggerer")

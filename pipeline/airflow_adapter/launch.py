@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from airflow.models.dagrun import DagRun
 
 DAG_ID = "model_compression"
+TRAINING_POOL = "training"  # dags/model_compression.py's TRAINING_POOL
+TRAINING_POOL_DESCRIPTION = "model_compression's train and optimize: training at once across DAG runs"
 
 
 def load_dag(dag_id: str = DAG_ID):
@@ -32,8 +34,18 @@ def load_dag(dag_id: str = DAG_ID):
     return bag.get_dag(dag_id)
 
 
+def ensure_training_pool() -> None:
+    """The pool `training` the DAG's train and optimize use, as `airflow pools set` creates it
+    (PIPELINE_TRAINING_POOL_SLOTS slots, default 1); an existing pool keeps its slots."""
+    from airflow.models.pool import Pool
+    if Pool.get_pool(TRAINING_POOL) is None:
+        Pool.create_or_update_pool(TRAINING_POOL, int(os.environ.get("PIPELINE_TRAINING_POOL_SLOTS", "1")),
+                                   TRAINING_POOL_DESCRIPTION, include_deferred=False)
+
+
 def run_dag(conf: dict) -> tuple[DagRun, dict | None]:
     """Run the DAG once with `conf`; returns (dag_run, the context `train` produced or None)."""
+    ensure_training_pool()
     dag = load_dag()
     dag_run = dag.test(run_conf=conf)
     return dag_run, _train_context(dag_run)
