@@ -1,8 +1,11 @@
 """The user's path through a real browser (headless Chromium, driven by Playwright): log in to
 the Airflow UI, open `model_compression`'s trigger form, set a small configuration in its
-fields, trigger, wait for success, then open the run in the MLflow UI.
+fields, trigger, wait for success, then open the run in the MLflow UI: the parent run with the
+summary as its description, a child run's confusion matrix, and the registered version's model
+card.
 
-Screenshots of every step go to test-artifacts/browser/. The browser is Debian's chromium
+Screenshots of every step go to test-artifacts/browser/ (the README shows three of them, copied
+to docs/images/). The browser is Debian's chromium
 (`make chromium` installs it; see conftest_stack.chromium); Playwright never
 downloads one. The stack is shared with test_stack.py (see conftest_stack.py).
 """
@@ -46,6 +49,14 @@ def shot(page, name: str) -> Path:
     path = SHOTS / f"{name}.png"
     page.screenshot(path=str(path))
     return path
+
+
+def close_assistant(page) -> None:
+    """MLflow 3.17's assistant panel covers a third of the page when it is first shown: closed
+    (for the rest of the visit) so that the screenshots show the run."""
+    close = page.locator("button[aria-label=Close]")
+    if close.count():
+        close.first.click()
 
 
 def test_trigger_from_the_airflow_ui_and_see_the_run_in_mlflow(stack, page):
@@ -115,5 +126,32 @@ def test_trigger_from_the_airflow_ui_and_see_the_run_in_mlflow(stack, page):
     page.get_by_text(parent.info.run_name).first.wait_for()
     metric = next(iter(sorted(parent.data.metrics)))
     page.get_by_text(metric).first.wait_for()
+    summary = page.get_by_role("heading", name="Model compression summary")  # its description
+    summary.wait_for()
+    close_assistant(page)
+    page.get_by_role("button", name="Expand description").click()
+    summary.evaluate("heading => heading.scrollIntoView({block: 'start'})")
     shot(page, "07-mlflow-run")
     assert page.title()
+
+    # The variant's child run: its verdict, and its confusion matrix among the artifacts.
+    client = stack.mlflow_client()
+    child = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.variant = 'float32'"))[0]
+    assert child.data.tags["mlflow.note.content"].startswith("passed the gates; champion")
+    assert "accuracy_class_trouser" in child.data.metrics
+    page.goto(f"{stack.mlflow_url}/#/experiments/{parent.info.experiment_id}"
+              f"/runs/{child.info.run_id}/artifacts/confusion_matrix.png")
+    image = page.locator("img[alt='confusion_matrix.png']").first
+    image.wait_for()
+    page.wait_for_function("image => image.complete && image.naturalWidth > 0",
+                           arg=image.element_handle())
+    shot(page, "08-mlflow-confusion-matrix")
+
+    # The registered version's page shows its model card.
+    name = "fashion-mnist-classifier"
+    version = client.get_run(parent.info.run_id).data.tags["registered_version"]
+    page.goto(f"{stack.mlflow_url}/#/models/{name}/versions/{version}")
+    page.get_by_text(f"float32: version {version} of {name}").first.wait_for()
+    page.get_by_text(f"make serve MODEL=models:/{name}/{version}").first.wait_for()
+    shot(page, "09-mlflow-model-card")
