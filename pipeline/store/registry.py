@@ -17,6 +17,10 @@ pipeline's models). Served with `mlflow models serve`, it answers
 The model ships its own code (this module, `pipeline.selection.select` and `pipeline.errors`, staged as
 `code_paths`) and needs only ai-edge-litert, numpy and pandas at serving time, not TensorFlow.
 
+Each version's description is its model card, the registered model's says what it classifies
+(`pipeline.selection.model_card`, from the runs' records); the version's measurements are also
+metrics of its logged model, numbers where its tags are text.
+
 Registration is idempotent: a version is identified by its tags `parent_run_id` + `variant`; a
 retried task finds the version it created and only finishes what the first attempt left undone.
 The tag `champion_decision`, written last, marks a finished registration.
