@@ -383,6 +383,25 @@ def mlflow_problems(compose: dict) -> list[str]:
     return problems
 
 
+def entrypoint_problems(compose: dict) -> list[str]:
+    """Services of the Airflow image keep the official entrypoint, which runs `airflow <args>`
+    unless the command starts with `airflow`, `bash` or `python` (so `["airflow-init"]` would run
+    `airflow airflow-init`); a service without Airflow's database skips its DB check."""
+    problems = []
+    for name, service in compose["services"].items():
+        if service.get("build", {}).get("dockerfile") != "docker/Dockerfile":
+            continue
+        if "entrypoint" in service:
+            problems.append(f"{name}: replaces the official image's entrypoint")
+        args = command_args(service)
+        if not args or args[0] not in ("airflow", "bash", "python"):
+            problems.append(f"{name}: command {args[:1]} would run as `airflow {' '.join(args[:1])}`")
+        env = as_dict(service.get("environment"))
+        if "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in env and env.get("CONNECTION_CHECK_MAX_COUNT") != "0":
+            problems.append(f"{name}: no metadata DB, but the entrypoint waits for one")
+    return problems
+
+
 def non_loopback_ports(compose: dict) -> list[str]:
     problems = []
     for name, service in compose["services"].items():
@@ -705,6 +724,19 @@ def test_mlflow_server_uses_postgres_and_s3(compose):
     args[args.index("--artifacts-destination") + 1] = "/mlartifacts"
     args[args.index("--backend-store-uri") + 1] = "sqlite:///mlflow.db"
     assert len(mlflow_problems(broken)) == 3  # destination, store, and the bucket no longer matches
+
+
+def test_airflow_image_services_keep_the_official_entrypoint(compose):
+    assert entrypoint_problems(compose) == []
+    assert command_args(compose["services"]["airflow-init"])[0] == "bash"
+    broken = copy.deepcopy(compose)
+    broken["services"]["airflow-init"]["command"] = ["airflow-init"]
+    broken["services"]["s3-init"]["environment"].pop("CONNECTION_CHECK_MAX_COUNT")
+    broken["services"]["airflow-scheduler"]["entrypoint"] = ["airflow"]
+    assert sorted(entrypoint_problems(broken)) == [
+        "airflow-init: command ['airflow-init'] would run as `airflow airflow-init`",
+        "airflow-scheduler: replaces the official image's entrypoint",
+        "s3-init: no metadata DB, but the entrypoint waits for one"]
 
 
 def test_published_ports_are_loopback_only(compose):
