@@ -109,12 +109,22 @@ class Dataset:
         return self._labels[self._ids[split]]
 
     # -- reading
-    def batches(self, split: str, batch_size: int = 256, *, shuffle: bool = False, seed: int = 0,
+    @property
+    def inference_batch_size(self) -> int:
+        """Images per batch when a model only reads them (evaluation, predictions): 256, fewer
+        for large images, so a batch holds at most 4M float32 values (16 MB; 27 images at 224 x
+        224 x 3) and the runtime's activations for it stay small."""
+        return int(max(8, min(256, 4 * 2 ** 20 // int(np.prod(self.input_shape)))))
+
+    def batches(self, split: str, batch_size: int | None = None, *, shuffle: bool = False,
+                seed: int = 0,
                 flips: bool = False, limit: int | None = None,
                 ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(images, labels) batches of a split (or of the item `ids` given), in order or shuffled
         by `seed`; `flips` mirrors a random half of the images left-right. Decoding runs ahead on
-        a few threads, at most two batches in flight: memory does not grow with the dataset."""
+        a few threads, at most two batches in flight: memory does not grow with the dataset.
+        `batch_size` defaults to `inference_batch_size`."""
+        batch_size = batch_size or self.inference_batch_size
         chosen = self._ids[split] if ids is None else np.asarray(ids, dtype=np.int64)
         if limit is not None:
             chosen = chosen[:limit]
@@ -139,7 +149,7 @@ class Dataset:
     def arrays(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The first `limit` images of a split as arrays: for small takes (a parity check, a
         served example, tests), not for whole splits of a large dataset."""
-        parts = list(self.batches(split, 256, limit=limit))
+        parts = list(self.batches(split, limit=limit))
         if not parts:
             return np.zeros((0, *self.input_shape), np.float32), np.zeros(0, np.int64)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

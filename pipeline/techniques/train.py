@@ -44,7 +44,7 @@ def fit(model, dataset: Dataset, *, epochs: int, batch_size: int, callbacks=(),
     what the loss compares with instead of the labels (distillation: the teacher's outputs)."""
     from pipeline import progress
     train = dataset.tf_dataset("train", batch_size, shuffle=True, seed=seed, flips=augment)
-    validation = dataset.tf_dataset("val", max(batch_size, 256))
+    validation = dataset.tf_dataset("val", max(batch_size, dataset.inference_batch_size))
     if targets is not None:
         train, validation = train.map(targets), validation.map(targets)
     return model.fit(train, validation_data=validation, epochs=epochs, verbose=0,
