@@ -236,7 +236,17 @@ def test_a_tflite_input_runs_the_post_training_variants_and_skips_the_others(
     for name in ("int8", "int4", "mixed"):
         table = artifacts.load_json(results[name]["child_run_id"], "sensitivity.json")
         assert len(table) == len(weighted_ops(tflite["float32"])), name
+    # The latency gate is on by default: each int4 mode timed its op kinds and says what it chose.
+    for name in ("int4", "mixed"):
+        placement = artifacts.load_json(results[name]["child_run_id"], "int4_placement.json")
+        assert set(placement["kinds"]) == {"CONV_2D", "FULLY_CONNECTED"}, name
+        assert all(trial["latency_ms_p50"] > 0 for trial in placement["trials"]), name
+        assert runs[name].data.tags["int4_placement"] == ",".join(
+            f"{kind}={precision}" for kind, precision in placement["kinds"].items())
+    int4_table = artifacts.load_json(results["int4"]["child_run_id"], "sensitivity.json")
+    int4_kinds = artifacts.load_json(results["int4"]["child_run_id"], "int4_placement.json")["kinds"]
+    assert [row["quantization"] for row in int4_table] == [int4_kinds[row["op"]] for row in int4_table]
     mixed = artifacts.load_json(results["mixed"]["child_run_id"], "mixed.json")
-    assert set(mixed["layers"].values()) <= {"int4", "int8", "float32"}
+    assert set(mixed["layers"].values()) <= {"int4", "int8", "float16", "float32"}
     assert "## Per-layer sensitivity: `int8`" in selected["summary_markdown"]
     assert outcome.get("version") or outcome.get("skipped")
