@@ -25,7 +25,7 @@ help:
 	@echo "make run        the whole DAG end to end through Airflow (embedded SQLite, local MLflow)"
 	@echo "make test       the test suite (what CI runs): make test-fast, then make test-stack"
 	@echo "make test-fast  unit and single-process pipeline tests (a developer's loop)"
-	@echo "make test-stack the tests that start the local stack, Chromium or Celery workers"
+	@echo "make test-stack the rest: the local stack, Chromium, Celery workers, make bench --quick"
 	@echo "make bench      side-by-side performance tables (benchmarks/results.md)"
 	@echo "make cli        the same pipeline without Airflow (python -m pipeline run)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 for the local store"
@@ -89,10 +89,10 @@ cli: install dataset
 
 # The test tiers (markers registered in pyproject.toml): make test = lint, types and every test
 # but the slow ones (what the README and CI run); test-fast = unit and single-process pipeline
-# tests; test-stack = those that start the local stack (scripts/stack.py), Chromium or Celery
-# workers. Each target installs what its tests need.
-FAST_TESTS := not stack and not browser and not celery and not slow
-STACK_TESTS := (stack or browser or celery) and not slow
+# tests; test-stack = the rest: those that start the local stack (scripts/stack.py), Chromium or
+# Celery workers, and a whole `make bench --quick`. Each target installs what its tests need.
+FAST_TESTS := not stack and not browser and not celery and not bench and not slow
+STACK_TESTS := (stack or browser or celery or bench) and not slow
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check pipeline dags plugins tests benchmarks scripts
 	$(VENV)/bin/mypy

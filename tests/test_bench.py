@@ -15,6 +15,9 @@ import pytest
 from benchmarks import limits, memory, run
 from benchmarks.render import SECTION_NUMBERS, cell
 
+# A whole `make bench --quick` (several pipeline runs in subprocesses): not in make test-fast.
+pytestmark = pytest.mark.bench
+
 ROOT = Path(__file__).resolve().parent.parent
 VARIANT_KEYS = {"variant", "accuracy", "size_bytes", "gzip_size_bytes", "size_ratio", "gzip_ratio",
                 "size_floor_bytes", "latency_ms_p50_1t", "latency_ms_p90_1t", "latency_ms_p50_2t",
