@@ -23,9 +23,11 @@ pytestmark = [pytest.mark.browser, pytest.mark.stack]
 SHOTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-# What the form's fields are set to (the rest keep the DAG's defaults).
-FORM = {"epochs": "1", "train_limit": "600", "test_limit": "200", "variants": "float32",
-        "finetune_epochs": "1", "experiment": "stack-browser"}
+# What the form's fields are set to (the rest keep the DAG's defaults); the variants, a
+# multi-select, keep only VARIANT.
+FORM = {"epochs": "1", "train_limit": "600", "test_limit": "200", "finetune_epochs": "1",
+        "experiment": "stack-browser"}
+VARIANT = "float32"
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,15 @@ def shot(page, name: str) -> Path:
     path = SHOTS / f"{name}.png"
     page.screenshot(path=str(path))
     return path
+
+
+def show_section_of(field) -> None:
+    """Open the trigger form's section (an accordion item, one open at a time) holding `field`:
+    a field of a closed section is not visible, so it cannot be filled."""
+    trigger = field.locator("xpath=ancestor::*[@data-part='item'][1]/*[@data-part='item-trigger']")
+    if trigger.get_attribute("aria-expanded") != "true":
+        trigger.click()
+    field.first.wait_for()
 
 
 def close_assistant(page) -> None:
@@ -93,11 +104,17 @@ def test_trigger_from_the_airflow_ui_and_see_the_run_in_mlflow(stack, page):
     shot(page, "03-trigger-form")
     for name, value in FORM.items():
         field = dialog.locator(f"[name=element_{name}]")
+        show_section_of(field)
         field.fill(value)
         field.press("Tab")  # number fields commit their value on blur
     for name, value in FORM.items():
         assert dialog.locator(f"[name=element_{name}]").input_value() == value, name
-    dialog.locator("[name=element_epochs]").scroll_into_view_if_needed()
+    show_section_of(dialog.locator("#element_variants"))
+    others = dialog.locator(f"[aria-label^='Remove ']:not([aria-label='Remove {VARIANT}'])")
+    while others.count():  # the chips of the default variants, but one
+        others.last.click()
+    chosen = dialog.locator("input[name=element_variants]")
+    assert [chosen.nth(i).input_value() for i in range(chosen.count())] == [VARIANT]
     shot(page, "04-form-filled")
     dialog.get_by_role("button", name="Trigger").last.click()
     dialog.wait_for(state="hidden")
@@ -108,7 +125,7 @@ def test_trigger_from_the_airflow_ui_and_see_the_run_in_mlflow(stack, page):
     run = new_runs[0]
     conf = run["conf"]
     assert conf["epochs"] == 1 and conf["train_limit"] == 600 and conf["test_limit"] == 200
-    assert conf["variants"] == ["float32"] and conf["experiment"] == "stack-browser"
+    assert conf["variants"] == [VARIANT] and conf["experiment"] == "stack-browser"
     assert conf["finetune_epochs"] == 1
 
     run_id = run["dag_run_id"]
@@ -137,7 +154,7 @@ def test_trigger_from_the_airflow_ui_and_see_the_run_in_mlflow(stack, page):
     # The variant's child run: its verdict, and its confusion matrix among the artifacts.
     client = stack.mlflow_client()
     child = client.search_runs([parent.info.experiment_id], filter_string=(
-        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.variant = 'float32'"))[0]
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.variant = '{VARIANT}'"))[0]
     assert child.data.tags["mlflow.note.content"].startswith("passed the gates; champion")
     assert "accuracy_class_trouser" in child.data.metrics
     page.goto(f"{stack.mlflow_url}/#/experiments/{parent.info.experiment_id}"
@@ -152,6 +169,6 @@ def test_trigger_from_the_airflow_ui_and_see_the_run_in_mlflow(stack, page):
     name = "fashion-mnist-classifier"
     version = client.get_run(parent.info.run_id).data.tags["registered_version"]
     page.goto(f"{stack.mlflow_url}/#/models/{name}/versions/{version}")
-    page.get_by_text(f"float32: version {version} of {name}").first.wait_for()
+    page.get_by_text(f"{VARIANT}: version {version} of {name}").first.wait_for()
     page.get_by_text(f"make serve MODEL=models:/{name}/{version}").first.wait_for()
     shot(page, "09-mlflow-model-card")
