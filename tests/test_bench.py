@@ -56,7 +56,8 @@ def test_every_section_ran_with_its_tables(quick):
         assert section["tables"] and section["title"]
     ids = [t["id"] for s in results["sections"].values() for t in s["tables"]]
     assert ids == ["resnet-variants", "resnet-memory-options", "cnn-variants", "stages", "sparse",
-                   "throughput", "peer", "orchestration"]
+                   "int4", "throughput", "peer", "orchestration", "scaling-data",
+                   "scaling-models", "scaling-epochs"]
     assert results["sections"]["resnet"]["stand_in"] is True
     assert "STAND-IN" in results["sections"]["resnet"]["title"]
 
