@@ -3,8 +3,8 @@ from pipeline.config import PipelineConfig
 from pipeline.selection.model_card import Lineage, registered_model_description, version_card
 from pipeline.selection.select import choose
 
-CONFIG = PipelineConfig.from_mapping({"registered_model_name": "fashion", "cluster_count": 8,
-                                      "objective": "gzip_size"}, use_env=False)
+CONFIG = PipelineConfig.from_mapping({"registered_model_name": "fashion", "cluster_count": 8},
+                                     use_env=False)
 LINEAGE = Lineage(
     params={"dataset": "s3://bucket/fashion/", "model": "default-cnn", "epochs": "12",
             "train_images": "54000", "validation_images": "6000", "test_images": "10000",
