@@ -19,7 +19,8 @@ Sized to the model and the data: the student keeps at least MIN_STUDENT_WEIGHTS 
 width rises above `student_width` for a teacher of a few thousand weights), and it trains for at
 least MIN_STEPS["distill"] optimizer steps (`sizing.fine_tuning`: smaller batches, more epochs on
 a few hundred images) with BatchNorm momentum low enough that its moving averages forget their
-initial 0 / 1. Backing off, each retry halves the gap between the width and 1 and trains longer.
+initial 0 / 1. Backing off, each retry halves the gap between the width and 1 (up to
+MAX_WIDTH) and trains twice as long.
 """
 from __future__ import annotations
 
@@ -38,7 +39,10 @@ NAME = "distill"
 MIN_STUDENT_WEIGHTS = 2000
 WIDTH_STEP = 0.125          # widths are multiples of this
 MAX_WIDTH = 0.875           # wider is not a smaller model
-RELAXED_EPOCHS_FACTOR = 1.5
+# A student learns from scratch: on few images its accuracy follows its training length (a
+# 0.875-wide student of a 3,300-weight model on 486 images: 65 % after 620 steps, 84 % after
+# 1,240; the teacher 92 %), so each retry doubles it.
+RELAXED_EPOCHS_FACTOR = 2
 
 
 def settings(model, dataset, config) -> dict:
@@ -53,11 +57,10 @@ def settings(model, dataset, config) -> dict:
             "batch_size": plan.batch_size}
 
 
-def relax(settings: dict) -> dict | None:
-    """Half the way from the width to 1 and longer training; None at MAX_WIDTH."""
-    if settings["student_width"] >= MAX_WIDTH:
-        return None
-    return {"student_width": min(MAX_WIDTH, _step_up((1 + settings["student_width"]) / 2)),
+def relax(settings: dict) -> dict:
+    """Half the way from the width to 1 (up to MAX_WIDTH) and twice the training."""
+    wider = min(MAX_WIDTH, _step_up((1 + settings["student_width"]) / 2))
+    return {"student_width": max(settings["student_width"], wider),
             "distill_epochs": math.ceil(settings["distill_epochs"] * RELAXED_EPOCHS_FACTOR)}
 
 

@@ -12,10 +12,11 @@ output unit on average (a 64x16 Dense kernel at 0.91 in runs of 8 had 8 of its 1
 from every input), and kernels under MIN_PRUNED_WEIGHTS weights are left alone (they are little
 of the file and much of the accuracy).
 Dense kernels are pruned in blocks of `config.prune_block` consecutive input weights of one
-output unit (fewer when a unit has under MIN_BLOCKS_PER_UNIT blocks of inputs; TF-MOT fails on a
-kernel with a single block per unit, "Input tensor must be rank 2"): LiteRT stores a fully-connected kernel as [out, in], so a block is a run of zero bytes
-in the file, which gzip stores in a few bits where scattered zeros cost about one bit each, and
-the nonzero weights between the runs come in longer literal strings. On the default CNN at 0.91,
+output unit (shorter blocks when a unit has under MIN_BLOCKS_PER_UNIT of them; TF-MOT fails on a
+kernel with a single block per unit, "Input tensor must be rank 2"): LiteRT stores a
+fully-connected kernel as [out, in], so a block is a run of zero bytes in the file, which gzip
+stores in a few bits where scattered zeros cost about one bit each, and the nonzero weights
+between the runs come in longer literal strings. On the default CNN at 0.91,
 runs of 16 against runs of 4 (4 pruning epochs each): the pruned model's int8 file 28.3x against
 23.4x smaller gzipped than float32, at the same accuracy (-1.13 / -1.12 pts). Eight pruning epochs
 instead of four won back 0.15 pts at runs of 16 (-0.98).
