@@ -7,8 +7,8 @@ accuracy is the pipeline's business): the default CNN (`pipeline.sources.models.
 input_shape=(96, 96, 3), weights=None, classes=5)`, converted to float32 .tflite. Each is
 quantized with the pipeline's own functions: static int8, the int4 mode's fixed placement (int4
 fully-connected, int8 everything else), and `litert_quantizer.int4_placement` as the pipeline runs
-it when the latency gate is on (per op kind int4, else int8, else float16, timed against float32's
-p50 x `max_latency_ratio` + slack), for the int4 mode and for the mixed mode's candidates (CONV_2D
+it when the latency gate is on (per op kind int4, else int8, else int8 weight-only, else float16,
+timed against float32's p50 x `max_latency_ratio` + slack), for the int4 mode and for the mixed mode's candidates (CONV_2D
 int4 too). Latency and memory: `benchmarks.measure.litert_rounds`, medians over interleaved
 rounds; the XNNPACK partitions column counts the delegate's nodes (1 = the whole graph on XNNPACK).
 
@@ -68,9 +68,9 @@ def section(bench) -> dict:
             placement = lq.int4_placement(source, out, latency_of=p50, latency_limit_ms=limit,
                                           int4_ops=int4_ops)
             key = f"{model}: {name}"
-            paths[key] = lq.quantize_tflite(
-                "int4", source, f"{stem}.{name.replace(' ', '-')}.tflite",
-                int4_ops=placement.int4_ops, float16_ops=placement.float16_ops)
+            paths[key] = lq.quantize_tflite("int4", source,
+                                            f"{stem}.{name.replace(' ', '-')}.tflite",
+                                            **placement.options())
             placements[key] = ", ".join(f"{kind} {precision}"
                                         for kind, precision in placement.kinds().items())
     measured = litert_rounds(paths, threads=(1,), rounds=s["rounds"], runs=s["runs"],

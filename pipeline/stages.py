@@ -367,14 +367,12 @@ def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, data
     table = placement = None
     # mixed: as small as the budget allows, so int4 wherever LiteRT has an int4 kernel
     # (convolutions too, which XNNPACK runs slower than int8), int8 on the sensitive layers.
-    int4_ops: tuple[str, ...] = lq.INT4_CAPABLE_OPS if mode == "mixed" else lq.INT4_OPS
-    float16_ops: tuple[str, ...] = ()
+    options: dict = {"int4_ops": lq.INT4_CAPABLE_OPS if mode == "mixed" else lq.INT4_OPS}
     if mode in ("int4", "mixed"):
         if config.max_latency_ratio:  # the latency gate is on: int4 only where it stays fast
-            int4_ops, float16_ops = _int4_placement(float_tflite, out.parent, int4_ops,
-                                                    config.max_latency_ratio, config, run_id)
-        table = lq.sensitivity(float_tflite, "int4", calibration, int4_ops=int4_ops,
-                               float16_ops=float16_ops)
+            options = _int4_placement(float_tflite, out.parent, options["int4_ops"],
+                                      config.max_latency_ratio, config, run_id)
+        table = lq.sensitivity(float_tflite, "int4", calibration, **options)
     if mode == "mixed":
         from pipeline.runtime.evaluate import evaluate_tflite
 
@@ -383,23 +381,22 @@ def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, data
                                    dataset.class_names).accuracy
         mixed = lq.quantize_mixed(float_tflite, out, accuracy_of=validation_accuracy,
                                   max_drop_pts=config.max_accuracy_drop_pts, table=table,
-                                  int4_ops=int4_ops, float16_ops=float16_ops)
+                                  **options)
         placement = mixed.layers
         tracking.log_dict(run_id, mixed.to_dict(), "mixed.json")
         tracking.set_tags(run_id, {"mixed_kept": ",".join(mixed.kept) or "none",
                                    "mixed_within_budget": str(mixed.within_budget).lower()})
     else:
-        lq.quantize_tflite(mode, float_tflite, out, calibration=calibration, int4_ops=int4_ops,
-                           float16_ops=float16_ops)
+        lq.quantize_tflite(mode, float_tflite, out, calibration=calibration, **options)
     if table is not None:
         _log_sensitivity(run_id, table, placement)
 
 
 def _int4_placement(float_tflite: Path, work_dir: Path, int4_ops: tuple[str, ...],
                     max_latency_ratio: float, config: PipelineConfig,
-                    run_id: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(int4 op kinds, float16 op kinds) for the int4 modes: per op kind the smallest weights
-    whose model is not slower than the float32 one by the latency gate's measure
+                    run_id: str) -> dict:
+    """The int4 modes' weights per op kind (`litert_quantizer` keyword arguments): per kind the
+    smallest whose model is not slower than the float32 one by the latency gate's measure
     (`litert_quantizer.int4_placement`), recorded in the child run (`int4_placement.json`, tag
     `int4_placement`). Timed here, on this worker, as the benchmark stage will time the variant."""
     from pipeline.runtime import litert_quantizer as lq
@@ -414,7 +411,7 @@ def _int4_placement(float_tflite: Path, work_dir: Path, int4_ops: tuple[str, ...
     tracking.log_dict(run_id, placement.to_dict(), "int4_placement.json")
     tracking.set_tags(run_id, {"int4_placement": ",".join(
         f"{kind}={precision}" for kind, precision in placement.kinds().items())})
-    return placement.int4_ops, placement.float16_ops
+    return placement.options()
 
 
 def _log_sensitivity(run_id: str, table: list[dict], placement: dict | None = None) -> None:

@@ -112,38 +112,55 @@ def test_mixed_keeps_sensitive_layers_until_the_budget_holds(tflite, small_datas
     assert not list(tmp_path.glob("*.candidate*"))
 
 
-def test_int4_placement_keeps_slow_kinds_at_float16(tflite, small_dataset, calibration,
-                                                    tmp_path):
-    """A kind whose int4 or int8 weights make the model slower than the limit keeps float16
-    weights; the others get the smallest precision that fits. Latency is a deterministic stand-in
-    here (int4 or int8 convolutions are "slow"), as XNNPACK's hybrid depthwise convolutions are on
-    MobileNetV2; the chosen model is the last one timed within the limit."""
-    timed = []
+def conv_weights_dequantized(path, *tensor_types: str) -> bool:
+    """Whether every CONV_2D of `path` takes its weights from a DEQUANTIZE of one of
+    `tensor_types` (weight-only: a float kernel), as the int4 modes store a kind whose hybrid
+    kernel is slow."""
+    from litert_quantizer import qtyping
+    from litert_quantizer.utils import tfl_flatbuffer_utils
+    model = tfl_flatbuffer_utils.read_model(str(path))
+    graph = model.subgraphs[0]
+    wanted = {getattr(qtyping.TensorType, name) for name in tensor_types}
+    dequantized = {op.outputs[0] for op in graph.operators
+                   if len(op.inputs) == 1 and graph.tensors[op.inputs[0]].type in wanted}
+    convs = [op for op in graph.operators if len(op.inputs) >= 2
+             and len(graph.tensors[op.inputs[1]].shape) == 4]
+    return bool(convs) and all(op.inputs[1] in dequantized for op in convs)
 
-    def slow_quantized_convolutions(path):
-        timed.append(path)
-        conv_kernels = [op for op in weighted_ops(tflite["float32"]) if op.op == "CONV_2D"]
-        slow = (weight_tensors(path, "FLOAT16") < len(conv_kernels))
-        return 1.0 if slow else 0.1
 
-    placement = int4_placement(tflite["float32"], tmp_path, latency_of=slow_quantized_convolutions,
-                               latency_limit_ms=0.5, int4_ops=INT4_CAPABLE_OPS)
-    assert placement.int4_ops == ("FULLY_CONNECTED",)
-    assert placement.float16_ops == ("CONV_2D",)
-    assert placement.kinds() == {"FULLY_CONNECTED": "int4", "CONV_2D": "float16"}
-    assert [(t["kind"], t["precision"], t["fits"]) for t in placement.trials] == [
-        ("FULLY_CONNECTED", "int4", True), ("CONV_2D", "int4", False), ("CONV_2D", "int8", False)]
+@pytest.mark.parametrize("fast_conv_weights, chosen, tried", [
+    # MobileNetV2's case: hybrid int4/int8 convolutions are slow, int8 weight-only ones are not
+    (("INT8", "FLOAT16"), "int8-weight-only", ["int4", "int8", "int8-weight-only"]),
+    # only float16 weights keep the speed: the last resort (what undecided kinds get)
+    (("FLOAT16",), "float16", ["int4", "int8", "int8-weight-only"]),
+])
+def test_int4_placement_keeps_the_smallest_weights_that_are_not_slower(
+        tflite, small_dataset, calibration, tmp_path, fast_conv_weights, chosen, tried):
+    """A kind whose int4 or int8 weights make the model slower than the limit gets the next
+    smaller precision that fits; the others the smallest. Latency is a deterministic stand-in
+    here; the chosen model is the last one timed within the limit."""
+    def quick_only_with_dequantized_convolutions(path):
+        return 0.1 if conv_weights_dequantized(path, *fast_conv_weights) else 1.0
+
+    placement = int4_placement(tflite["float32"], tmp_path, latency_limit_ms=0.5,
+                               latency_of=quick_only_with_dequantized_convolutions,
+                               int4_ops=INT4_CAPABLE_OPS)
+    assert placement.kinds() == {"FULLY_CONNECTED": "int4", "CONV_2D": chosen}
+    assert placement.options() == {"int4_ops": ("FULLY_CONNECTED",),
+                                   "weight_only": {"CONV_2D": chosen}}
+    assert [(t["kind"], t["precision"]) for t in placement.trials] == [
+        ("FULLY_CONNECTED", "int4"), *[("CONV_2D", precision) for precision in tried]]
+    assert [t["fits"] for t in placement.trials] == [True, False, False, chosen != "float16"]
     assert placement.to_dict()["kinds"] == placement.kinds()
     assert not list(tmp_path.iterdir())  # the timed candidates are gone
 
     path = quantize_tflite("int4", tflite["float32"], tmp_path / "placed.tflite",
-                           int4_ops=placement.int4_ops, float16_ops=placement.float16_ops)
-    assert int4_weight_tensors(path) == 2 and weight_tensors(path, "FLOAT16") == 2
+                           **placement.options())
+    assert int4_weight_tensors(path) == 2
+    assert conv_weights_dequantized(path, {"int8-weight-only": "INT8"}.get(chosen, "FLOAT16"))
     assert accuracy(path, small_dataset) >= accuracy(tflite["float32"], small_dataset) - 0.03
-    assert path.stat().st_size > tflite["int4"].stat().st_size  # float16 convolutions cost bytes
-    rows = sensitivity(tflite["float32"], "int4", calibration, int4_ops=placement.int4_ops,
-                       float16_ops=placement.float16_ops)
-    assert [row["quantization"] for row in rows] == ["float16", "float16", "int4", "int4"]
+    rows = sensitivity(tflite["float32"], "int4", calibration, **placement.options())
+    assert [row["quantization"] for row in rows] == [chosen, chosen, "int4", "int4"]
 
 
 def test_a_tflite_alone_gives_dynamic_int8_and_int4(tflite, small_dataset, calibration, tmp_path):

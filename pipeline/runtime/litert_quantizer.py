@@ -87,6 +87,10 @@ INTERPRETER_OP_NAMES = {"TRANSPOSE_CONV": "CONV_2D_TRANSPOSE"}
 INT4_CAPABLE_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP", "CONV_2D")
 # The ones `int4` mode does (others get int8; see the module docstring for CONV_2D).
 INT4_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP")
+# Weights stored small and dequantized to float before float kernels (the int4 modes' choice for
+# op kinds whose hybrid kernel is slower: XNNPACK dequantizes them once, when the model loads):
+# precision name -> bits.
+WEIGHT_ONLY = {"int8-weight-only": 8, "float16": 16}
 # Blockwise int4 exists for these only.
 INT4_BLOCKWISE_OPS = ("FULLY_CONNECTED", "EMBEDDING_LOOKUP")
 BLOCK_SIZES = (32, 64, 128, 256)
@@ -138,19 +142,25 @@ class MixedResult:
 
 @dataclass
 class Int4Placement:
-    """What `int4_placement` chose: the op kinds given int4 weights (`int4_ops`) and those kept at
-    float16 (`float16_ops`; the other weighted kinds get int8), the latency limit it held them to
-    and every model it timed (`trials`: {kind, precision, latency_ms_p50, fits}), in order."""
+    """What `int4_placement` chose: the op kinds given int4 weights (`int4_ops`), those whose
+    weights are dequantized before float kernels (`weight_only`: kind -> a WEIGHT_ONLY precision;
+    the other weighted kinds get int8 hybrid kernels), the latency limit it held them to and every
+    model it timed (`trials`: {kind, precision, latency_ms_p50, fits}), in order."""
     int4_ops: tuple[str, ...]
-    float16_ops: tuple[str, ...]
+    weight_only: dict[str, str]
     latency_limit_ms: float
     trials: list[dict[str, Any]] = field(default_factory=list)
 
     def kinds(self) -> dict[str, str]:
         """Op kind -> the weight precision it got, for the kinds that were timed."""
-        return {trial["kind"]: ("int4" if trial["kind"] in self.int4_ops else "float16"
-                                if trial["kind"] in self.float16_ops else "int8")
+        return {trial["kind"]: ("int4" if trial["kind"] in self.int4_ops
+                                else self.weight_only.get(trial["kind"], "int8"))
                 for trial in self.trials}
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments that make this placement (`quantize_tflite`, `sensitivity`,
+        `quantize_mixed`)."""
+        return {"int4_ops": self.int4_ops, "weight_only": self.weight_only}
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "kinds": self.kinds()}
@@ -161,8 +171,8 @@ def int4_placement(float_tflite_path: str | Path, work_dir: str | Path, *,
                    int4_ops: tuple[str, ...] = INT4_OPS) -> Int4Placement:
     """Per weighted op kind, the smallest weight precision whose model is not slower than
     `latency_limit_ms` (`latency_of(path)`: the caller's p50 at batch 1): int4 (kinds in
-    `int4_ops`), else int8, else float16, which XNNPACK unpacks to float32 when the model loads
-    and so runs at float32's speed.
+    `int4_ops`), else int8 (hybrid kernel), else int8 weight-only, else float16; weight-only
+    weights are dequantized by XNNPACK when the model loads, so they run float32's kernels.
 
     Why: int4 and int8 weights with float activations are hybrid kernels, and whether they pay
     depends on the model. On the default CNN (most weights in one Dense layer) int4
@@ -171,7 +181,8 @@ def int4_placement(float_tflite_path: str | Path, work_dir: str | Path, *,
     partitions around the 17 depthwise convolutions, which LiteRT's built-in kernels run, and
     the model was 3.1x slower than float32 (1.09 vs 0.36 ms); hybrid CONV_2D stays on XNNPACK but
     quantizes its input at every invoke, which 35 small pointwise convolutions pay for (0.58 ms
-    with depthwise at float16). Kinds are decided largest (most weights) first, each trial the
+    with depthwise at float16). int8 weight-only convolutions there: one XNNPACK partition,
+    float32's speed, int8's size. Kinds are decided largest (most weights) first, each trial the
     whole model with the kinds decided so far and the rest at float16; the last model that fit
     is the result, so the chosen placement itself was measured within the limit."""
     float_tflite_path = Path(float_tflite_path)
@@ -185,12 +196,10 @@ def int4_placement(float_tflite_path: str | Path, work_dir: str | Path, *,
     candidate = Path(work_dir) / f"{float_tflite_path.stem}.int4-placement.tflite"
     try:
         for kind in kinds:
-            for precision in (["int4"] if kind in int4_ops else []) + ["int8"]:
-                trial = {**decided, kind: precision}
+            for precision in (["int4"] if kind in int4_ops else []) + ["int8", "int8-weight-only"]:
+                trial = {k: "float16" for k in kinds} | decided | {kind: precision}
                 quantize_tflite("int4", float_tflite_path, candidate,
-                                int4_ops=_kinds_at(trial, "int4"),
-                                float16_ops=tuple(k for k in kinds
-                                                  if trial.get(k, "float16") == "float16"))
+                                int4_ops=_kinds_at(trial, "int4"), weight_only=_weight_only(trial))
                 latency = float(latency_of(candidate))
                 fits = latency <= latency_limit_ms
                 trials.append({"kind": kind, "precision": precision, "latency_ms_p50": latency,
@@ -202,8 +211,7 @@ def int4_placement(float_tflite_path: str | Path, work_dir: str | Path, *,
                 decided[kind] = "float16"
     finally:
         candidate.unlink(missing_ok=True)
-    return Int4Placement(int4_ops=_kinds_at(decided, "int4"),
-                         float16_ops=_kinds_at(decided, "float16"),
+    return Int4Placement(int4_ops=_kinds_at(decided, "int4"), weight_only=_weight_only(decided),
                          latency_limit_ms=latency_limit_ms, trials=trials)
 
 
@@ -211,10 +219,14 @@ def _kinds_at(placement: dict[str, str], precision: str) -> tuple[str, ...]:
     return tuple(kind for kind, chosen in placement.items() if chosen == precision)
 
 
+def _weight_only(placement: dict[str, str]) -> dict[str, str]:
+    return {kind: chosen for kind, chosen in placement.items() if chosen in WEIGHT_ONLY}
+
+
 def quantize_tflite(mode: str, float_tflite_path: str | Path, out_path: str | Path, *,
                     calibration=None, block_size: int | None = None,
                     int4_ops: tuple[str, ...] = INT4_OPS,
-                    float16_ops: tuple[str, ...] = ()) -> Path:
+                    weight_only: dict[str, str] | None = None) -> Path:
     """Quantize a float32 .tflite with `mode` and write `out_path` atomically; returns the path.
 
     `calibration` (needed by `int8` and `int16x8`): float32 input batches (N, H, W, C) from the
@@ -222,8 +234,8 @@ def quantize_tflite(mode: str, float_tflite_path: str | Path, out_path: str | Pa
     [batch] lists, as the converter's representative datasets yield. `block_size` (int4 only):
     blockwise int4 with that many weights per scale on the ops that have it (default:
     channelwise, see the module docstring); `int4_ops`: the op kinds given int4 weights (among
-    INT4_CAPABLE_OPS; the other weighted ops get int8, or float16 for the kinds in
-    `float16_ops`: see `int4_placement`). `int8` has int8 input and output, the
+    INT4_CAPABLE_OPS; the other weighted ops get int8, or a WEIGHT_ONLY precision for the kinds
+    in `weight_only`: see `int4_placement`). `int8` has int8 input and output, the
     other modes float ones, as from the converter. Raises QuantizerError if the quantizer or
     the runtime refuses the model, or (int8, int16x8) an op would stay float.
     """
@@ -239,12 +251,12 @@ def quantize_tflite(mode: str, float_tflite_path: str | Path, out_path: str | Pa
     ops = _read_ops(float_tflite_path, mode)
     return _quantize(mode, float_tflite_path, out_path, calibration,
                      lambda qt: _add_mode(qt, mode, block_size=block_size, int4_ops=int4_ops,
-                                          float16_ops=float16_ops), ops)
+                                          weight_only=weight_only), ops)
 
 
 def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=None, *,
                 int4_ops: tuple[str, ...] = INT4_OPS,
-                float16_ops: tuple[str, ...] = ()) -> list[dict]:
+                weight_only: dict[str, str] | None = None) -> list[dict]:
     """Per weighted op: how much quantizing that op alone (as `mode` would) disturbs its own
     output and the model's output, on a batch of calibration images (SENSITIVITY_IMAGES).
 
@@ -265,7 +277,7 @@ def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=N
     for op in ops:
         qt = _quantizer(float_tflite_path, mode)
         _add_mode(qt, mode, regex=_exact(op.scope), op_name=op.op, int4_ops=int4_ops,
-                  float16_ops=float16_ops)
+                  weight_only=weight_only)
         with _refusals(mode, float_tflite_path, op.name):
             qt.quantize(_calibrate(qt, test_data), enable_progress_report=False)
             errors = qt.validate(test_data=test_data, error_metrics=metrics,
@@ -274,7 +286,7 @@ def sensitivity(float_tflite_path: str | Path, mode: str = "int4", calibration=N
         output = errors.get(output_names[0], {})
         rows.append({
             "layer": op.name, "op": op.op, "weights": op.weights,
-            "quantization": _op_precision(mode, op, int4_ops, float16_ops),
+            "quantization": _op_precision(mode, op, int4_ops, weight_only),
             "layer_snr_db": _db(layer.get("snr")),
             "layer_cosine": _finite(layer.get("cosine_similarity")),
             "output_snr_db": _db(output.get("snr")),
@@ -287,7 +299,7 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
                    accuracy_of: Callable[[Path], float], max_drop_pts: float, calibration=None,
                    table: list[dict] | None = None, reference_accuracy: float | None = None,
                    keep: str = "int8", int4_ops: tuple[str, ...] = INT4_OPS,
-                   float16_ops: tuple[str, ...] = ()) -> MixedResult:
+                   weight_only: dict[str, str] | None = None) -> MixedResult:
     """int4 everywhere except the most sensitive int4 ops, kept at `keep` (`int8` or `float32`):
     the fewest, taken in order of sensitivity (lowest output SNR first), that bring the accuracy
     within `max_drop_pts` percentage points of the float32 reference.
@@ -305,7 +317,7 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
     ops = _read_ops(float_tflite_path, "mixed")
     if table is None:
         table = sensitivity(float_tflite_path, "int4", calibration, int4_ops=int4_ops,
-                            float16_ops=float16_ops)
+                            weight_only=weight_only)
     by_name = {op.name: op for op in ops}
     ranked = [by_name[row["layer"]] for row in sorted(table, key=_sensitivity_key)
               if row["layer"] in by_name and row["quantization"] == "int4"]
@@ -319,7 +331,7 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
         if count not in tried:
             kept = ranked[:count]
             _quantize("mixed", float_tflite_path, candidate, None,
-                      lambda qt: _add_mixed(qt, kept, keep, int4_ops, float16_ops), ops)
+                      lambda qt: _add_mixed(qt, kept, keep, int4_ops, weight_only), ops)
             tried[count] = float(accuracy_of(candidate))
             trials.append({"kept": [op.name for op in kept], "accuracy": tried[count],
                            "drop_pts": (reference_accuracy - tried[count]) * 100.0})
@@ -342,7 +354,7 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
         accuracy_keeping(chosen)  # evaluated already: rebuild its file only if another came last
         if trials[-1]["kept"] != [op.name for op in ranked[:chosen]]:
             _quantize("mixed", float_tflite_path, candidate, None,
-                      lambda qt: _add_mixed(qt, ranked[:chosen], keep, int4_ops, float16_ops),
+                      lambda qt: _add_mixed(qt, ranked[:chosen], keep, int4_ops, weight_only),
                       ops)
         os.replace(candidate, out_path)
     finally:
@@ -350,7 +362,7 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
     kept_names = {op.name for op in ranked[:chosen]}
     int4_names = {op.name for op in ranked}
     layers = {op.name: (keep if op.name in kept_names else "int4" if op.name in int4_names
-                        else _fixed_precision(op, int4_ops, float16_ops)) for op in ops}
+                        else _fixed_precision(op, int4_ops, weight_only)) for op in ops}
     accuracy = tried[chosen]
     return MixedResult(path=out_path, layers=layers, kept=[op.name for op in ranked[:chosen]],
                        accuracy=accuracy, reference_accuracy=reference_accuracy,
@@ -388,9 +400,9 @@ def weighted_ops(tflite_path: str | Path) -> list[WeightedOp]:
 
 def _add_mode(qt, mode: str, regex: str = ".*", op_name: str | None = None,
               block_size: int | None = None, int4_ops: tuple[str, ...] = INT4_OPS,
-              float16_ops: tuple[str, ...] = ()) -> None:
+              weight_only: dict[str, str] | None = None) -> None:
     """Add `mode`'s configuration for ops matching `regex` (all kinds, or only `op_name`); in
-    `int4` mode the kinds in `float16_ops` get float16 weights instead of int8."""
+    `int4` mode the kinds in `weight_only` get that WEIGHT_ONLY precision instead of int8."""
     from litert_quantizer import qtyping
     from litert_quantizer.algorithm_manager import AlgorithmName
     every = qtyping.TFLOperationName.ALL_SUPPORTED
@@ -409,8 +421,11 @@ def _add_mode(qt, mode: str, regex: str = ".*", op_name: str | None = None,
     elif mode == "int4":
         if op_name is None or op_name not in int4_ops:
             qt.add_dynamic_config(regex, target, 8)  # later entries win: int4 where it applies
-        for name in [name for name in float16_ops if op_name in (None, name)]:
-            qt.add_weight_only_config(regex, name, 16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+        for name, precision in (weight_only or {}).items():
+            if op_name in (None, name) and name not in int4_ops:
+                bits = WEIGHT_ONLY[precision]
+                qt.add_weight_only_config(regex, name, bits, **(
+                    {"algorithm_key": AlgorithmName.FLOAT_CASTING} if bits == 16 else {}))
         for name in [name for name in int4_ops if op_name in (None, name)]:
             granularity = qtyping.QuantGranularity.CHANNELWISE
             if block_size is not None and name in INT4_BLOCKWISE_OPS:
@@ -421,10 +436,10 @@ def _add_mode(qt, mode: str, regex: str = ".*", op_name: str | None = None,
 
 
 def _add_mixed(qt, kept: list[WeightedOp], keep: str, int4_ops: tuple[str, ...] = INT4_OPS,
-               float16_ops: tuple[str, ...] = ()) -> None:
+               weight_only: dict[str, str] | None = None) -> None:
     """int4 everywhere, then `kept` ops at int8 or float (later recipe entries win)."""
     from litert_quantizer.algorithm_manager import AlgorithmName
-    _add_mode(qt, "int4", int4_ops=int4_ops, float16_ops=float16_ops)
+    _add_mode(qt, "int4", int4_ops=int4_ops, weight_only=weight_only)
     for op in kept:
         if keep == "int8":
             qt.add_dynamic_config(_exact(op.scope), op.op, 8)
@@ -438,16 +453,16 @@ def _exact(scope: str) -> str:
 
 
 def _fixed_precision(op: WeightedOp, int4_ops: tuple[str, ...] = INT4_OPS,
-                     float16_ops: tuple[str, ...] = ()) -> str:
-    """What `int4` mode gives an op: int4 for the kinds in `int4_ops`, float16 for those in
-    `float16_ops`, else int8."""
-    return "int4" if op.op in int4_ops else "float16" if op.op in float16_ops else "int8"
+                     weight_only: dict[str, str] | None = None) -> str:
+    """What `int4` mode gives an op: int4 for the kinds in `int4_ops`, the WEIGHT_ONLY precision
+    of those in `weight_only`, else int8."""
+    return "int4" if op.op in int4_ops else (weight_only or {}).get(op.op, "int8")
 
 
 def _op_precision(mode: str, op: WeightedOp, int4_ops: tuple[str, ...] = INT4_OPS,
-                  float16_ops: tuple[str, ...] = ()) -> str:
+                  weight_only: dict[str, str] | None = None) -> str:
     """The weight precision `mode` gives `op` (as the report names it)."""
-    return _fixed_precision(op, int4_ops, float16_ops) if mode == "int4" else mode
+    return _fixed_precision(op, int4_ops, weight_only) if mode == "int4" else mode
 
 
 # --- running the quantizer -----------------------------------------------------------------------
