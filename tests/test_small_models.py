@@ -57,20 +57,16 @@ def test_few_images_get_smaller_batches_more_epochs_and_fresher_batchnorm_statis
 
 
 def test_a_small_model_is_pruned_where_it_can_afford_it():
-    """The issue's model: small kernels left alone, no unit left without inputs, the separable
-    conv's pointwise kernel (the largest) pruned, blocks no longer than a unit's inputs allow."""
+    """The issue's model: kernels under 1,024 weights left alone, no unit left without inputs
+    (its 64x16 Dense kernel at 0.75, not 0.91), runs no longer than an eighth of a unit's inputs
+    (16 inputs in one run of 16 failed in TF-MOT)."""
     config = PipelineConfig()
     model = _translated(keras3_residual_separable((32, 32, 3), 3))
     plan = pruning.layer_plan(fuse_layers(model), config)
-    shapes = {layer.name: _kernel_shape(layer) for layer in model.layers if layer.name in plan}
-    assert plan and all(entry["weights"] >= pruning.MIN_PRUNED_WEIGHTS for entry in plan.values())
-    assert any(type(layer).__name__ == "SeparableConv2D" for layer in model.layers
-               if layer.name in plan)
-    for name, entry in plan.items():
-        kept_per_output = (1 - entry["sparsity"]) * entry["weights"] / shapes[name][-1]
-        assert kept_per_output >= pruning.MIN_KEPT_PER_OUTPUT - 1e-6
-        if len(shapes[name]) == 2:
-            assert shapes[name][0] >= pruning.MIN_BLOCKS_PER_UNIT * entry["block"]
+    dense = [layer.name for layer in model.layers if type(layer).__name__ == "Dense"]
+    assert plan == {dense[0]: {"weights": 1024, "sparsity": 0.75, "block": 8}}
+    kept_per_unit = (1 - plan[dense[0]]["sparsity"]) * 1024 / 16
+    assert kept_per_unit >= pruning.MIN_KEPT_PER_OUTPUT
 
 
 def test_the_student_of_a_small_teacher_is_wider():
@@ -164,11 +160,6 @@ def _translated(model3, x_check=None):
     from pipeline.sources.keras3 import translate
     x = np.zeros((4, *model3.input_shape[1:]), np.float32) if x_check is None else x_check[:64]
     return translate(model3, x, tolerance=1e-4)[0]
-
-
-def _kernel_shape(layer) -> tuple[int, ...]:
-    kernel = getattr(layer, "pointwise_kernel", None)
-    return tuple((layer.kernel if kernel is None else kernel).shape)
 
 
 def test_a_technique_that_breaks_the_model_backs_off_and_records_each_attempt(trained, tmp_path):

@@ -28,15 +28,18 @@ Epochs and batch size follow the number of training images (`sizing.fine_tuning`
 MIN_STEPS["prune"] optimizer steps), and BatchNorm's moving averages are made to forget the
 unpruned model's statistics within them (`techniques.finetune`).
 
-Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT prunes) and the pointwise
-kernels of SeparableConv1D/2D layers (most of a separable model's weights), except
+Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT prunes; MobileNet's 1x1
+pointwise convolutions, most of its weights, are Conv2D layers), except
  - the first one when it holds under SKIP_FIRST_LAYER_BELOW of those weights: it sees the raw
    pixels through few channels, so pruning it saves almost nothing and costs the most accuracy
    (TF-MOT's guide: prune later layers first).
  - kernels under MIN_PRUNED_WEIGHTS weights, or that cannot keep MIN_KEPT_PER_OUTPUT weights per
    output unit at any sparsity worth having.
  - for 2:4, layers whose input-channel count is not a multiple of 4 (no whole groups of four).
-Other layers (and layers inside nested models) are left as they are. Pruning works on
+Other layers (and layers inside nested models) are left as they are, SeparableConv2D too: TF-MOT
+prunes its pointwise kernel, but QAT then splits the layer into a depthwise and a 1x1 Conv2D that
+trains the zeros away (a 2,048-weight pointwise kernel pruned to 50 % had none left after
+prune+cluster+qat). Pruning works on
 `techniques.fuse_layers(model)` (Dense+BatchNorm and conv/dense+ReLU fused; see there why).
 """
 from __future__ import annotations
@@ -151,22 +154,12 @@ def _candidate_shapes(model, *, structured: bool) -> dict[str, tuple[int, ...]]:
                       if type(layer) in (keras.layers.Conv2D, keras.layers.Dense)
                       and layer.kernel.shape[-2] % STRUCTURED_M_BY_N[1] == 0]
     else:
-        separable = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
-        candidates = techniques.tfmot_kernel_layers(model) + [
-            layer for layer in model.layers if isinstance(layer, separable)]
-        candidates.sort(key=model.layers.index)
-    shapes = {layer.name: tuple(int(d) for d in _pruned_kernel(layer).shape)
-              for layer in candidates}
+        candidates = techniques.tfmot_kernel_layers(model)
+    shapes = {layer.name: tuple(int(d) for d in layer.kernel.shape) for layer in candidates}
     sizes = [_size(shape) for shape in shapes.values()]
     if shapes and sizes[0] < SKIP_FIRST_LAYER_BELOW * sum(sizes):
         del shapes[next(iter(shapes))]
     return shapes
-
-
-def _pruned_kernel(layer):
-    """The kernel TF-MOT prunes: a separable conv's pointwise kernel, else the kernel."""
-    pointwise = getattr(layer, "pointwise_kernel", None)
-    return layer.kernel if pointwise is None else pointwise
 
 
 def _size(shape: tuple[int, ...]) -> int:
