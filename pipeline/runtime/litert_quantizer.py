@@ -39,29 +39,29 @@ on one machine, compare within it only):
 
 Whether hybrid (int4 or int8 weights, float activations) kernels pay depends on the model, so the
 pipeline times them: `int4_placement` gives each weighted op kind the smallest precision whose
-model is not slower than float32 beyond the latency gate, else float16 weights (XNNPACK unpacks
-them when the model loads: float32's speed at half its bytes). Measured side by side (untrained
-weights: size and speed only; the same process; `measure()` p50, 2 runs each):
+model is not slower than float32 beyond the latency gate: int4, int8 (hybrid), int8 weight-only
+(a DEQUANTIZE before the float kernel, which XNNPACK folds when the model loads: float32's speed
+at int8's size), else float16. `make bench` (section int4; untrained weights: size and speed
+only; medians of 3 interleaved rounds; one run on a loaded 2-core machine):
 
-  model                          mode                          gzip B   p50 ms
-  default CNN (28x28x1)          float32                    1,561,095   0.115-0.121
-                                 int8 (static)                424,302   0.048-0.050
-                                 int4 (FC int4, CONV int8)    218,384   0.059-0.060
-                                 int4 placed: the same        218,384   0.061-0.087
-  MobileNetV2 0.35 (96x96x3)     float32                    1,464,794   0.338-0.359
-                                 int8 (static)                472,684   0.436-0.439
-                                 dynamic int8                 448,540   1.059-1.066
-                                 int4 (FC int4, rest int8)    445,328   1.067-1.122
-                                 int4 + CONV_2D int4          262,451   1.368-1.397
-                                 int4 placed: FC int4,        729,552   0.353-0.369
-                                   CONV/DEPTHWISE float16
+  model                        variant                             gzip B   p50 ms  / float32
+  default CNN (28x28x1)        float32                          1,560,891   0.134   1.00
+                               int8 (static)                      424,292   0.065   0.48
+                               int4 fixed (FC int4, CONV int8)    218,403   0.081   0.61
+                               int4 placed: the same              218,403   0.079   0.59
+  MobileNetV2 0.35 (96x96x3)   float32                          1,436,170   0.407   1.00
+                               int8 (static)                      447,993   0.484   1.19
+                               int4 fixed (FC int4, rest int8)    416,651   1.297   3.19
+                               int4 placed: FC int4, CONV and     418,000   0.414   1.02
+                                 DEPTHWISE int8 weight-only
 
-  On MobileNetV2, DEPTHWISE_CONV_2D with int8 weights is no XNNPACK kernel: the graph splits into
-  18 XNNPACK partitions around the 17 depthwise convolutions, which the built-in kernels run
-  (int4 with float depthwise weights: 0.58 ms, one partition); hybrid CONV_2D stays on XNNPACK
-  but quantizes its input at every invoke, which its 35 small convolutions do not win back
-  (float CONV_2D, int8 depthwise: 0.88 ms). So no int4 placement is both smaller than int8 and
-  as fast as float32 on this model: the placed int4 keeps float32's speed at half its size.
+  On MobileNetV2, DEPTHWISE_CONV_2D with hybrid int8 weights is no XNNPACK kernel: the graph
+  splits into 18 XNNPACK partitions around the 17 depthwise convolutions, which the built-in
+  kernels run (int4 with float depthwise weights: 0.58 ms, one partition); hybrid CONV_2D stays
+  on XNNPACK but quantizes its input at every invoke, which its 35 small convolutions do not win
+  back (float CONV_2D, hybrid depthwise: 0.88 ms; float32 0.36 ms in that run). Weight-only
+  weights cost memory instead: XNNPACK holds them unpacked to float32 (peak 6.1 against
+  float32's 4.9 MiB).
 """
 from __future__ import annotations
 
