@@ -110,24 +110,24 @@ def run_stages(config_values: dict, pipeline_run_id: str, launcher: str = "cli")
         recipes = stages.recipes(config.variants)
         plan = progress.Plan(len(recipes), len(config.variants))
         for recipe in recipes:
-            started, outcome = time.perf_counter(), "trained"
+            started, ended = time.perf_counter(), "trained"
             try:
                 stages.optimize(ctx, recipe)
             except Exception as error:  # recorded; its variants fail with the reason
                 log.error("optimization %s failed: %s", recipe, error)
-                outcome = "failed"
-            plan.done("optimize", recipe, time.perf_counter() - started, outcome)
+                ended = "failed"
+            plan.done("optimize", recipe, time.perf_counter() - started, ended)
         for name in config.variants:
-            started, outcome = time.perf_counter(), "measured"
+            started, ended = time.perf_counter(), "measured"
             try:
                 stages.benchmark(ctx, stages.evaluate(ctx, stages.quantize(ctx, name)))
             except stages.VariantSkipped as reason:
                 log.info("variant %s skipped: %s", name, reason)
-                outcome = "skipped"
+                ended = "skipped"
             except Exception as error:
                 log.error("variant %s failed: %s", name, error)
-                outcome = "failed"
-            plan.done("variant", name, time.perf_counter() - started, outcome)
+                ended = "failed"
+            plan.done("variant", name, time.perf_counter() - started, ended)
         selected = stages.select(ctx)
         outcome = stages.register(ctx, selected)
     except BaseException as error:  # the parent run ends FAILED, never left RUNNING
