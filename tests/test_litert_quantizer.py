@@ -8,9 +8,9 @@ from pipeline.sources import models
 from pipeline.runtime.benchmark import measure
 from pipeline.runtime.evaluate import evaluate_tflite
 from pipeline.runtime.litert import TFLiteRunner
-from pipeline.runtime.litert_quantizer import (INT4_CAPABLE_OPS, QuantizerError, int4_placement,
-                                       quantize_mixed, quantize_tflite, sensitivity,
-                                       weighted_ops)
+from pipeline.runtime.litert_quantizer import (INT4_CAPABLE_OPS, WEIGHT_ONLY, QuantizerError,
+                                       int4_placement, quantize_mixed, quantize_tflite,
+                                       sensitivity, weighted_ops)
 from pipeline.runtime.quantize import convert
 from pipeline.selection.report import sensitivity_markdown
 
@@ -264,6 +264,6 @@ def test_a_tflite_input_runs_the_post_training_variants_and_skips_the_others(
     int4_kinds = artifacts.load_json(results["int4"]["child_run_id"], "int4_placement.json")["kinds"]
     assert [row["quantization"] for row in int4_table] == [int4_kinds[row["op"]] for row in int4_table]
     mixed = artifacts.load_json(results["mixed"]["child_run_id"], "mixed.json")
-    assert set(mixed["layers"].values()) <= {"int4", "int8", "float16", "float32"}
+    assert set(mixed["layers"].values()) <= {"int4", "int8", "float32", *WEIGHT_ONLY}
     assert "## Per-layer sensitivity: `int8`" in selected["summary_markdown"]
     assert outcome.get("version") or outcome.get("skipped")
