@@ -153,7 +153,10 @@ def _custom_dense():
 
 @pytest.mark.parametrize("technique", ["prune", "cluster", "qat"])
 def test_tfmot_techniques_work_on_the_translation_and_it_converts(technique, translated_path,
-                                                                  small_dataset, tmp_path):
+                                                                  small_dataset, tmp_path,
+                                                                  monkeypatch):
+    # This test model's kernels are all under the size pruning leaves alone by default.
+    monkeypatch.setattr(pruning, "MIN_PRUNED_WEIGHTS", 64)
     config = PipelineConfig(finetune_epochs=1, prune_epochs=1, batch_size=64, seed=7,
                             cluster_count=CLUSTERS)
     module = {"prune": pruning, "cluster": clustering, "qat": qat}[technique]
@@ -161,7 +164,7 @@ def test_tfmot_techniques_work_on_the_translation_and_it_converts(technique, tra
     model = module.apply(load_model(translated_path), few, config, applied=())
 
     if technique == "prune":
-        assert kernel_stats(model)["sparsity"] > 0.3
+        assert kernel_stats(model)["sparsity"] > 0.15  # each output unit keeps 16 weights
     elif technique == "cluster":
         kernels = [layer.kernel.numpy() for layer in model.layers
                    if type(layer).__name__ in ("Conv2D", "Dense")]  # what TF-MOT clusters
