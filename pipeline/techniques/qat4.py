@@ -28,33 +28,18 @@ from typing import Any
 import numpy as np
 
 from pipeline import techniques
-from pipeline.techniques import sizing
 from pipeline.techniques.backoff import configured
-from pipeline.techniques.validation import training_image_count
+from pipeline.techniques.qat import relax, settings  # noqa: F401 (QAT's fine-tuning plan)
 from pipeline.sources.models import tf_keras
 
 NAME = "qat4"
 # Backing off: each retry trains twice as long (the rounding is fixed; only recovery can help).
-RELAXED_EPOCHS_FACTOR = 2
 # Int4 rounding moves weights much further than int8's, so the rest of the kernel needs a real
 # step size to compensate: after prune+cluster on the default CNN, 0.2 recovered 0.04-0.09 pts
 # more than 0.05 (QAT's int8 rate is 0.01).
 LEARNING_RATE_SCALE = 0.2
 LEVELS = (-8, 7)   # signed int4
 MAX_LEVEL = 7      # symmetric: the largest magnitude maps to +-7
-
-
-def settings(model, dataset, config) -> dict:
-    """What `apply` uses on this model and data: epochs and batch size from the number of
-    training images (`sizing.fine_tuning`)."""
-    plan = sizing.fine_tuning("finetune", config.finetune_epochs, config.batch_size,
-                              training_image_count(dataset), to_data=config.size_to_data)
-    return {"finetune_epochs": plan.epochs, "batch_size": plan.batch_size}
-
-
-def relax(settings: dict) -> dict | None:
-    """Twice the recovery epochs."""
-    return {"finetune_epochs": settings["finetune_epochs"] * RELAXED_EPOCHS_FACTOR}
 
 
 def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
