@@ -36,6 +36,22 @@ QUICK = {"epochs": 1, "train_limit": 1200, "test_limit": 500, "finetune_epochs":
          "distill_epochs": 1, "latency_runs": 20, "latency_warmup": 3, "calibration_samples": 64}
 
 
+@pytest.fixture(autouse=True)
+def _keep_mlflow_tracking_uri():
+    """MLflow keeps a process-wide tracking URI once something sets it (pipeline.store.tracking
+    does, and tests that point at a server of their own): put back what was there before each
+    test, so a test never talks to a server a previous test has stopped."""
+    def explicit():
+        utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+        return utils, getattr(utils, "_tracking_uri", None)
+
+    _, before = explicit()
+    yield
+    utils, _ = explicit()
+    if utils is not None:
+        utils._tracking_uri = before
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """A migrated Airflow metadata DB (SQLite) for this test session."""

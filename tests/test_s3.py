@@ -363,8 +363,6 @@ def test_a_registered_model_and_an_s3_dataset_as_inputs(stack, pipeline_run, tmp
 # ---------------------------------------------------------------------------- the outage
 def test_an_upload_during_an_s3_outage_names_the_artifact_store(s3_down, pipeline_run,
                                                                  monkeypatch, tmp_path):
-    import mlflow
-
     from pipeline.store import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_down.tracking_url)
@@ -372,12 +370,8 @@ def test_an_upload_during_an_s3_outage_names_the_artifact_store(s3_down, pipelin
         monkeypatch.setenv(name, value)
     note = tmp_path / "note.txt"
     note.write_text("written during the outage")
-    previous_uri = mlflow.get_tracking_uri()
-    try:
-        with pytest.raises(tracking.ArtifactStoreError) as raised:
-            tracking.log_artifact(pipeline_run.parent.info.run_id, note, "outage")
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
+    with pytest.raises(tracking.ArtifactStoreError) as raised:
+        tracking.log_artifact(pipeline_run.parent.info.run_id, note, "outage")
     message = str(raised.value)
     assert message.startswith(f"could not store artifact outage/note.txt of run "
                               f"{pipeline_run.parent.info.run_id}: the tracking server "
@@ -392,8 +386,6 @@ def test_an_upload_during_an_s3_outage_names_the_artifact_store(s3_down, pipelin
 def test_a_failed_model_upload_registers_nothing(s3_down, pipeline_run, monkeypatch):
     """register logs the pyfunc model (its files) before it creates the version: when the upload
     fails, neither the registered model nor a version exists."""
-    import mlflow
-
     from pipeline import stages
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_down.tracking_url)
@@ -405,12 +397,8 @@ def test_a_failed_model_upload_registers_nothing(s3_down, pipeline_run, monkeypa
     ctx["config"]["registered_model_name"] = "s3-outage-classifier"
     selected = json.loads((pipeline_run.run_dir / "select.json").read_text())
     before = [v.version for v in versions(s3_down, MODEL_NAME)]
-    previous_uri = mlflow.get_tracking_uri()
-    try:
-        with pytest.raises(tracking.ArtifactStoreError, match="artifact store is unreachable"):
-            stages.register(ctx, selected)
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
+    with pytest.raises(tracking.ArtifactStoreError, match="artifact store is unreachable"):
+        stages.register(ctx, selected)
     assert s3_down.mlflow.search_registered_models("name = 's3-outage-classifier'") == []
     assert [v.version for v in versions(s3_down, MODEL_NAME)] == before
     # What is left is MLflow's own record of the attempt: a logged model marked FAILED.

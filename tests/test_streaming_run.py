@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_a_photo_folder_run_shows_progress_curves_and_lineage(tmp_path):
     photos = make_photos(tmp_path / "photos", 150, size=64)
-    env = {**os.environ, "PIPELINE_WORK_DIR": str(tmp_path / "work")}
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PIPELINE_WORK_DIR": str(tmp_path / "work"), "MLFLOW_TRACKING_URI": store}
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "--dataset", str(photos), "--epochs", "2",
          "--variants", "float32,int8,prune-int8", "--experiment", "streaming-run",
@@ -31,7 +32,7 @@ def test_a_photo_folder_run_shows_progress_curves_and_lineage(tmp_path):
     assert "[variant] int8: accuracy " in log and "pts)" in log
     assert "1 variant(s) left, ~" in log
 
-    client = MlflowClient()
+    client = MlflowClient(store)
     experiment = client.get_experiment_by_name("streaming-run")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.run_role = 'parent'")
     curve = client.get_metric_history(parent.info.run_id, "baseline/loss")
