@@ -579,7 +579,7 @@ def section_sparse(bench: Bench) -> dict:
     from pipeline.sources.data import Dataset
     from pipeline.stages import _recipe_record
     from pipeline.store import artifacts
-    from pipeline.techniques import load_optimized
+    from pipeline.techniques.persistence import load_optimized
     s = bench.settings["sparse"]
     run_dir = _cnn_run(bench)
     context = json.loads((run_dir / "context.json").read_text())

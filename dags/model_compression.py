@@ -208,7 +208,7 @@ def model_compression():
         """Fine-tune one optimized Keras model (pruning, clustering, QAT, distillation or a
         combination continuing from its prefix) and log it for the variants that need it."""
         from pipeline import stages
-        from pipeline.techniques import TechniqueError  # the model has a layer it cannot handle
+        from pipeline.errors import TechniqueError  # the model has a layer it cannot handle
         return _input_errors_fail_fast(stages.optimize, ctx, recipe, permanent=(TechniqueError,))
 
     @documented_task(trigger_rule="all_done",  # runs when an optimization failed: it records why

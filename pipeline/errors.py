@@ -9,6 +9,11 @@ class PipelineInputError(ValueError):
     """
 
 
+class TechniqueError(ValueError):
+    """A technique cannot be applied to this model; the message names the technique, the layer or
+    format at fault, and what to do instead."""
+
+
 # What a malformed input file raises while it is read (truncated, corrupt, wrong format). Anything
 # else (MemoryError, a TensorFlow or driver bug, a lost connection) is not the user's input: it
 # keeps its traceback and the task is retried.

@@ -25,7 +25,7 @@ from pipeline.contract import Reference, RunContext, VariantResult
 from pipeline.files import atomic_path, save_array, write_bytes, write_json, write_text
 from pipeline import progress
 from pipeline.store import artifacts, tracking
-from pipeline.errors import PipelineInputError
+from pipeline.errors import PipelineInputError, TechniqueError
 from pipeline.variants import parse_variant, parse_variants
 
 log = logging.getLogger("pipeline")
@@ -240,7 +240,7 @@ def optimize(ctx: RunContext | dict, recipe: str) -> dict[str, Any]:
     finds its record and returns it. A failed prefix fails the recipe with the prefix's error.
     The record (`exchange/optimized/<recipe>.json` of the parent run) holds the URIs of the
     model and of its test-set predictions."""
-    from pipeline.techniques import TechniqueError, apply_recipe, parse_recipe
+    from pipeline.techniques.recipes import apply_recipe, parse_recipe
 
     run = RunContext.of(ctx)
     parent = run.parent_run_id
@@ -521,7 +521,7 @@ def _conversion_source(run: RunContext, recipe: str) -> tuple[dict, dict]:
         raise VariantSkipped(info["skipped"])
     if "error" in info:
         raise VariantFailed(f"optimization {recipe!r} failed: {info['error']}")
-    from pipeline.techniques import load_optimized
+    from pipeline.techniques.persistence import load_optimized
     return {"model": load_optimized(artifacts.fetch(info["model_uri"]))}, info
 
 

@@ -13,7 +13,9 @@ from pipeline.config import PipelineConfig
 from pipeline.sources.keras3 import TranslationError, check_parity, to_tf_keras, translate
 from pipeline.runtime.litert import TFLiteRunner
 from pipeline.sources.models import load_model, model_kind, tf_keras
-from pipeline.techniques import TechniqueError, clustering, kernel_stats, pruning, qat
+from pipeline.errors import TechniqueError
+from pipeline.techniques import clustering, pruning, qat
+from pipeline.techniques.stats import kernel_stats
 
 PARITY = 1e-5
 CLUSTERS = 8

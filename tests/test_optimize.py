@@ -11,11 +11,13 @@ import pytest
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from pipeline.config import PipelineConfig
 from pipeline.sources.data import load_dataset
-from pipeline.errors import PipelineInputError
 from pipeline.sources.models import build_cnn, count_macs, load_model, predict_classes, tf_keras
-from pipeline.techniques import (TECHNIQUES, TechniqueError, apply_recipe, clustering, distillation,
-                               fuse_layers, kernel_stats, load_optimized, parse_recipe,
-                               pruning, save_optimized)
+from pipeline.errors import PipelineInputError, TechniqueError
+from pipeline.techniques import clustering, distillation, pruning
+from pipeline.techniques.graph import fuse_layers
+from pipeline.techniques.persistence import load_optimized, save_optimized
+from pipeline.techniques.recipes import TECHNIQUES, apply_recipe, parse_recipe
+from pipeline.techniques.stats import kernel_stats
 from pipeline.techniques.train import compile_classifier, fit, set_seed
 from pipeline.variants import OPTIMIZATION_ORDER
 

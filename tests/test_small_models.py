@@ -12,8 +12,9 @@ import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads
 from pipeline.config import PipelineConfig
 from pipeline.sources.data import load_dataset
 from pipeline.sources.models import build_cnn, load_model, predict_classes
-from pipeline.techniques import (apply_recipe, clustering, distillation, fuse_layers, pruning,
-                                 qat, qat4, sizing)
+from pipeline.techniques import clustering, distillation, pruning, qat, qat4, sizing
+from pipeline.techniques.graph import fuse_layers
+from pipeline.techniques.recipes import apply_recipe
 from pipeline.techniques.backoff import accuracy_budget, fit_within_budget
 from pipeline.techniques.train import set_seed
 from tests.small_models import (keras3_residual_separable, shape_images,

@@ -26,8 +26,8 @@ import inspect
 
 import numpy as np
 
+from pipeline.errors import TechniqueError
 from pipeline.sources.models import tf_keras
-from pipeline.techniques import TechniqueError
 
 # Keras 3 layer classes translated to the tf_keras class of the same name.
 SUPPORTED_LAYERS = frozenset({

@@ -4,7 +4,7 @@ stripped. After pruning, clustering preserves sparsity (zeros stay zeros and one
 
 Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT clusters) holding more
 weights than there are clusters; other layers (and layers inside nested models) are left as they
-are. Clustering works on `techniques.fuse_layers(model)` (see there why).
+are. Clustering works on `graph.fuse_layers(model)` (see there why).
 Epochs and batch size follow the number of training images (`sizing.fine_tuning`); backing off,
 each retry doubles the clusters and the epochs.
 """
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 
-from pipeline import techniques
+from pipeline.errors import TechniqueError
 from pipeline.techniques import sizing
 from pipeline.techniques.backoff import configured
+from pipeline.techniques.finetune import tfmot_kernel_layers, wrap_and_finetune
+from pipeline.techniques.graph import fuse_layers
 from pipeline.techniques.validation import training_image_count
 
 NAME = "cluster"
@@ -45,11 +47,11 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
 
     clustering = tfmot.clustering.keras
     config = configured(config, settings(model, dataset, config))
-    model = techniques.fuse_layers(model)
-    targets = {layer.name for layer in techniques.tfmot_kernel_layers(model)
+    model = fuse_layers(model)
+    targets = {layer.name for layer in tfmot_kernel_layers(model)
                if layer.kernel.shape.num_elements() > config.cluster_count}
     if not targets:
-        raise techniques.TechniqueError(
+        raise TechniqueError(
             f"{NAME}: model {model.name!r} has no Conv/Dense kernel with more than "
             f"{config.cluster_count} weights to cluster")
     params = {
@@ -58,7 +60,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
         "preserve_sparsity": "prune" in applied,
     }
 
-    clustered = techniques.wrap_and_finetune(
+    clustered = wrap_and_finetune(
         model, targets, lambda layer: clustering.cluster_weights(layer, **params), NAME, dataset,
         config, learning_rate=config.learning_rate * LEARNING_RATE_SCALE)
     return clustering.strip_clustering(clustered)

@@ -27,10 +27,11 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
-from pipeline import techniques
+from pipeline.errors import TechniqueError
 from pipeline.sources.models import build_cnn, count_macs, tf_keras
 from pipeline.techniques import sizing
 from pipeline.techniques.backoff import configured
+from pipeline.techniques.finetune import batchnorm_momentum, outputs_probabilities
 from pipeline.techniques.train import cosine_schedule, fit
 from pipeline.techniques.validation import training_image_count
 
@@ -79,13 +80,13 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
         student = scaled_copy(teacher, config.student_width)
     teacher_macs, student_macs = count_macs(teacher), count_macs(student)
     if teacher_macs and student_macs >= teacher_macs:
-        raise techniques.TechniqueError(
+        raise TechniqueError(
             f"{NAME}: the student ({student_macs:,} multiply-adds at student_width="
             f"{config.student_width}) is not smaller than the teacher ({teacher_macs:,}): "
             "lower student_width")
 
     steps = config.distill_epochs * math.ceil(training_image_count(dataset) / config.batch_size)
-    refresh = techniques.batchnorm_momentum(student, steps) if config.size_to_data \
+    refresh = batchnorm_momentum(student, steps) if config.size_to_data \
         else nullcontext()
     with refresh:
         fit_to_teacher(student, teacher, dataset, config, epochs=config.distill_epochs,
@@ -121,7 +122,7 @@ def scaled_copy(teacher, width: float):
     try:
         return keras.models.clone_model(teacher, clone_function=clone)
     except (ValueError, TypeError) as error:
-        raise techniques.TechniqueError(
+        raise TechniqueError(
             f"{NAME}: cannot build a width-scaled student of {teacher.name} ({error}); use a "
             "model without fixed-size Reshape layers, or skip distill") from None
 
@@ -168,6 +169,6 @@ def teacher_logits(teacher, images):
     softmax."""
     import tensorflow as tf
     outputs = tf.cast(teacher(images, training=False), tf.float32)
-    if techniques.outputs_probabilities(teacher):
+    if outputs_probabilities(teacher):
         outputs = tf.math.log(tf.clip_by_value(outputs, 1e-7, 1.0))
     return outputs

@@ -26,7 +26,7 @@ whatever `prune_sparsity` says.
 
 Epochs and batch size follow the number of training images (`sizing.fine_tuning`: at least
 MIN_STEPS["prune"] optimizer steps), and BatchNorm's moving averages are made to forget the
-unpruned model's statistics within them (`techniques.finetune`).
+unpruned model's statistics within them (`finetune.finetune`).
 
 Which layers: the top-level Conv1D/2D/3D and Dense layers (what TF-MOT prunes; MobileNet's 1x1
 pointwise convolutions, most of its weights, are Conv2D layers), except
@@ -40,16 +40,18 @@ Other layers (and layers inside nested models) are left as they are, SeparableCo
 prunes its pointwise kernel, but QAT then splits the layer into a depthwise and a 1x1 Conv2D that
 trains the zeros away (a 2,048-weight pointwise kernel pruned to 50 % had none left after
 prune+cluster+qat). Pruning works on
-`techniques.fuse_layers(model)` (Dense+BatchNorm and conv/dense+ReLU fused; see there why).
+`graph.fuse_layers(model)` (Dense+BatchNorm and conv/dense+ReLU fused; see there why).
 """
 from __future__ import annotations
 
 import math
 
-from pipeline import techniques
+from pipeline.errors import TechniqueError
 from pipeline.sources.models import tf_keras
 from pipeline.techniques import sizing
 from pipeline.techniques.backoff import configured
+from pipeline.techniques.finetune import tfmot_kernel_layers, wrap_and_finetune
+from pipeline.techniques.graph import fuse_layers
 from pipeline.techniques.validation import training_image_count
 
 NAME = "prune"
@@ -79,7 +81,7 @@ def settings(model, dataset, config) -> dict:
                               training_image_count(dataset), to_data=config.size_to_data)
     return {"prune_sparsity": config.prune_sparsity, "prune_epochs": plan.epochs,
             "batch_size": plan.batch_size,
-            "prune_layers": layer_plan(techniques.fuse_layers(model), config)}
+            "prune_layers": layer_plan(fuse_layers(model), config)}
 
 
 def relax(settings: dict) -> dict | None:
@@ -96,10 +98,10 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
 
     sparsity = tfmot.sparsity.keras
     config = configured(config, settings(model, dataset, config))
-    model = techniques.fuse_layers(model)
+    model = fuse_layers(model)
     plan = layer_plan(model, config)
     if not plan:
-        raise techniques.TechniqueError(
+        raise TechniqueError(
             f"{NAME}: model {model.name!r} has no Conv/Dense layer worth pruning (none holds "
             f"{MIN_PRUNED_WEIGHTS} weights or more with room to prune)"
             + (" (2:4 needs input channels in multiples of 4)" if config.prune_structured else ""))
@@ -114,7 +116,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
             params["block_size"] = (plan[layer.name]["block"], 1)  # [in, out]: along the inputs
         return sparsity.prune_low_magnitude(layer, **params)
 
-    pruned = techniques.wrap_and_finetune(
+    pruned = wrap_and_finetune(
         model, set(plan), wrap, NAME, dataset, config,
         learning_rate=config.learning_rate * LEARNING_RATE_SCALE, epochs=epochs,
         callbacks=[sparsity.UpdatePruningStep()])  # also re-applies masks per epoch
@@ -150,11 +152,11 @@ def _candidate_shapes(model, *, structured: bool) -> dict[str, tuple[int, ...]]:
     SKIP_FIRST_LAYER_BELOW of their weights."""
     keras = tf_keras()
     if structured:
-        candidates = [layer for layer in techniques.tfmot_kernel_layers(model)
+        candidates = [layer for layer in tfmot_kernel_layers(model)
                       if type(layer) in (keras.layers.Conv2D, keras.layers.Dense)
                       and layer.kernel.shape[-2] % STRUCTURED_M_BY_N[1] == 0]
     else:
-        candidates = techniques.tfmot_kernel_layers(model)
+        candidates = tfmot_kernel_layers(model)
     shapes = {layer.name: tuple(int(d) for d in layer.kernel.shape) for layer in candidates}
     sizes = [_size(shape) for shape in shapes.values()]
     if shapes and sizes[0] < SKIP_FIRST_LAYER_BELOW * sum(sizes):

@@ -4,18 +4,19 @@ optimizations DEFAULT, a representative dataset and int8 builtins to get int8 ke
 
 After pruning and/or clustering, collaborative optimization keeps their work through QAT:
 prune-preserving (PQAT), cluster-preserving (CQAT) or both (PCQAT) quantization schemes.
-QAT works on `techniques.fuse_layers(model)`: without it, Dense+BatchNorm pairs convert to a broken
+QAT works on `graph.fuse_layers(model)`: without it, Dense+BatchNorm pairs convert to a broken
 int8 model and kernels followed by a ReLU layer get no weight quantizer (see there).
 Rescaling layers (pixel scaling inside the model, common in Keras 3 models translated by
 pipeline.sources.keras3), which TF-MOT's QAT registry refuses, get their output quantized only.
 """
 from __future__ import annotations
 
-from pipeline import techniques
+from pipeline.sources.models import flat_layers, tf_keras
 from pipeline.techniques import sizing
 from pipeline.techniques.backoff import configured
+from pipeline.techniques.finetune import finetune, outputs_probabilities, tfmot_errors
+from pipeline.techniques.graph import fuse_layers
 from pipeline.techniques.validation import training_image_count
-from pipeline.sources.models import flat_layers, tf_keras
 
 NAME = "qat"
 # Backing off: each retry trains twice as long (the rounding is fixed; only recovery can help).
@@ -45,16 +46,16 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
 
     quantization = tfmot.quantization.keras
     config = configured(config, settings(model, dataset, config))
-    model = techniques.fuse_layers(model)
-    from_logits = not techniques.outputs_probabilities(model)  # before wrapping hides the activation
+    model = fuse_layers(model)
+    from_logits = not outputs_probabilities(model)  # before wrapping hides the activation
     # quantize_scope: quantize_apply clones the annotated model, output-only configs included.
-    with techniques.tfmot_errors(NAME), quantization.quantize_scope():
+    with tfmot_errors(NAME), quantization.quantize_scope():
         _reserve_layer_names(model)
         annotated = quantization.quantize_annotate_model(_annotate_output_only(model))
         quantized = quantization.quantize_apply(annotated, scheme(applied))
-    techniques.finetune(quantized, dataset, config,
-                      learning_rate=config.learning_rate * LEARNING_RATE_SCALE,
-                      from_logits=from_logits)
+    finetune(quantized, dataset, config,
+             learning_rate=config.learning_rate * LEARNING_RATE_SCALE,
+             from_logits=from_logits)
     return quantized
 
 

@@ -27,10 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import techniques
-from pipeline.techniques.backoff import configured
-from pipeline.techniques.qat import relax, settings  # noqa: F401 (QAT's fine-tuning plan)
+from pipeline.errors import TechniqueError
 from pipeline.sources.models import tf_keras
+from pipeline.techniques.backoff import configured
+from pipeline.techniques.finetune import tfmot_kernel_layers, wrap_and_finetune
+from pipeline.techniques.graph import fuse_layers
+from pipeline.techniques.qat import relax, settings  # noqa: F401 (QAT's fine-tuning plan)
 
 NAME = "qat4"
 # Backing off: each retry trains twice as long (the rounding is fixed; only recovery can help).
@@ -45,15 +47,15 @@ MAX_LEVEL = 7      # symmetric: the largest magnitude maps to +-7
 def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     keras = tf_keras()
     config = configured(config, settings(model, dataset, config))
-    model = techniques.fuse_layers(model)
+    model = fuse_layers(model)
     targets = {layer.name for layer in model.layers if isinstance(layer, keras.layers.Dense)}
     if not targets:
-        raise techniques.TechniqueError(
+        raise TechniqueError(
             f"{NAME}: model {model.name!r} has no top-level Dense layer, the layers the int4 mode "
             "stores in int4; use int4 without qat4, or int8 with qat")
     keep_zeros = "prune" in applied
     # The other kernels train their shared values after clustering, else stay (module docstring).
-    shared = {layer.name for layer in techniques.tfmot_kernel_layers(model)
+    shared = {layer.name for layer in tfmot_kernel_layers(model)
               if layer.name not in targets and "cluster" in applied
               and type(layer).__name__ in ("Conv1D", "Conv2D", "Conv3D")}
     frozen = [layer for layer in model.layers if layer.name not in targets | shared
@@ -67,7 +69,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
             return int4_weights(layer, keep_zeros=keep_zeros)
         return shared_values(layer, keep_zeros=keep_zeros)
 
-    wrapped = techniques.wrap_and_finetune(
+    wrapped = wrap_and_finetune(
         model, targets | shared, wrap, NAME, dataset, config,
         learning_rate=config.learning_rate * LEARNING_RATE_SCALE)
     for layer in frozen:
