@@ -93,9 +93,11 @@ cli: install dataset
 # Celery workers, and a whole `make bench --quick`. Each target installs what its tests need.
 FAST_TESTS := not stack and not browser and not celery and not bench and not slow
 STACK_TESTS := (stack or browser or celery or bench) and not slow
+# lint: ruff, mypy and ARCHITECTURE.md's layers as import contracts (pyproject.toml).
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check pipeline dags plugins tests benchmarks scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 test: lint dataset chromium stack-servers
 	$(PY) -m pytest -q -m "not slow" tests
@@ -139,7 +141,7 @@ mlflow-ui: install
 MODEL ?= models:/fashion-mnist-classifier@champion
 SERVE_PORT ?= 5001
 serve: install
-	$(PY) -m pipeline.store.registry example "$(MODEL)" .work/serving_input_example.json
+	$(PY) -m pipeline.serving example "$(MODEL)" .work/serving_input_example.json
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.mlflow/mlflow.db} \
 	  $(VENV)/bin/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 

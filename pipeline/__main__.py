@@ -5,14 +5,13 @@ Exit status: 0 on success, 2 on bad input (one line on stderr, no traceback), 1 
 from __future__ import annotations
 
 import argparse
-import re
 import logging
 import sys
 import time
 import uuid
 
 from pipeline import import_tensorflow_quietly
-from pipeline.errors import PipelineInputError
+from pipeline.errors import PipelineInputError, without_credentials
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,7 +118,7 @@ def summary_footer(ctx: dict, selected: dict, outcome: dict, seconds: float | No
     if selected["failed_variants"]:
         lines.append(f"Failed variants: {', '.join(selected['failed_variants'])} (errors in their MLflow runs)")
     lines.append(f"MLflow: experiment '{ctx['experiment']}', parent run {ctx['parent_run_id']}, "
-                 f"tracking URI {re.sub(r'//[^/@]*@', '//', tracking.tracking_uri())}")  # no credentials
+                 f"tracking URI {without_credentials(tracking.tracking_uri())}")
     url = tracking.run_url(ctx["parent_run_id"])
     lines.append(f"Open it: {url}" if url else "Open the MLflow UI: make mlflow-ui  (then http://127.0.0.1:5000)")
     if seconds is not None:

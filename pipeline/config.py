@@ -194,6 +194,14 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
+def accuracy_floor(config: PipelineConfig, num_classes: int | None) -> float:
+    """The lowest accuracy any model may have: `min_accuracy`, else clearly above chance
+    (1.5 / classes): relative gates alone would pass every variant of a broken baseline."""
+    if config.min_accuracy is not None:
+        return config.min_accuracy
+    return 1.5 / num_classes if num_classes else 0.0
+
+
 def _check(name: str, value: Any, schema: dict[str, Any]) -> None:
     """One clear line when `value` breaks the setting's schema (None = unset is always fine)."""
     if value is None:

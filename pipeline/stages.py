@@ -10,6 +10,7 @@ go to this machine's scratch folder, `local_run_dir(pipeline_run_id)`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -25,7 +26,7 @@ from pipeline.contract import Reference, RunContext, VariantResult
 from pipeline.files import atomic_path, save_array, write_bytes, write_json, write_text
 from pipeline import progress
 from pipeline.store import artifacts, tracking
-from pipeline.errors import PipelineInputError, TechniqueError
+from pipeline.errors import PipelineInputError, TechniqueError, first_line
 from pipeline.variants import parse_variant, parse_variants
 
 log = logging.getLogger("pipeline")
@@ -201,7 +202,7 @@ def _technique_base(kind: str, model, base_model_uri: str, dataset, run_dir: Pat
 def _check_baseline(accuracy: float, num_classes: int, config: PipelineConfig) -> None:
     """Stop the run when the float32 model itself does not clear the accuracy floor: every
     variant of it would be measured against a broken reference."""
-    from pipeline.selection.select import accuracy_floor
+    from pipeline.config import accuracy_floor
     floor = accuracy_floor(config, num_classes)
     if accuracy < floor:
         chance = 1.0 / num_classes
@@ -327,6 +328,8 @@ def quantize(ctx: RunContext | dict, variant_name: str) -> VariantResult:
         config = run.config
         mode = variant.quantization
         source, recipe_info = _conversion_source(run, variant.recipe)
+        if recipe_info:
+            _log_technique_settings(run, run_id, variant.recipe, recipe_info)
         dataset = calibration = None
         if mode in ("int8", "int16x8", "int4", "mixed"):
             dataset = open_dataset(run)
@@ -354,6 +357,26 @@ def quantize(ctx: RunContext | dict, variant_name: str) -> VariantResult:
             **variant.tags(), child_run_id=run_id, tflite_uri=tflite_uri,  # type: ignore[typeddict-item]
             keras_predictions_uri=recipe_info.get("keras_predictions_uri")
             or run.baseline_predictions_uri)
+
+
+def _log_technique_settings(run: RunContext, run_id: str, recipe: str, info: dict) -> None:
+    """What each technique of the variant's recipe really used (chosen from the model and the
+    data, after any back-off): params `technique.<name>.<setting>` of the child run, and every
+    step's record (settings, attempts, validation accuracies) in `technique_settings.json`."""
+    steps = recipe.split("+")
+    records = [artifacts.load_json(run.parent_run_id, _recipe_record("+".join(steps[:i])))
+               for i in range(1, len(steps))] + [info]
+    params: dict[str, Any] = {}
+    for record in records:
+        for technique, values in ((record or {}).get("settings") or {}).items():
+            for key, value in (values or {}).items():
+                params[f"technique.{technique}.{key}"] = (
+                    value if isinstance(value, (bool, int, float, str)) else json.dumps(value))
+    tracking.log_params(run_id, params)
+    tracking.log_dict(run_id, [{key: record.get(key) for key in (
+        "recipe", "settings", "attempts", "fits_budget", "base_val_accuracy",
+        "budget_val_accuracy", "val_accuracy")} for record in records if record],
+        "technique_settings.json")
 
 
 def _quantize_tflite(mode: str, float_tflite: Path, out: Path, calibration, dataset,
@@ -640,7 +663,8 @@ def register(ctx: RunContext | dict, selected: dict) -> dict[str, Any]:
     """Register the champion as a servable pyfunc model version and move aliases; close the
     parent run."""
     from pipeline.sources.inputs import FLOAT_MODEL_TAG
-    from pipeline.store.registry import EXAMPLE_IMAGES, register_champion
+    from pipeline.selection.champion import register_champion
+    from pipeline.serving import EXAMPLE_IMAGES
     from pipeline.selection.select import Selection
 
     run = RunContext.of(ctx)
@@ -668,10 +692,6 @@ def _safe(name: str) -> str:
 
 def one_line(error: BaseException) -> str:
     """The first line of an error; our own errors are already phrased for the user."""
-    lines = str(error).strip().splitlines()
-    first = lines[0] if lines else ""
-    if isinstance(error, (PipelineInputError, VariantFailed, VariantSkipped,
-                          tracking.TrackingServerUnreachable,
-                          tracking.ArtifactStoreError)) and first:
-        return first[:500]
-    return f"{type(error).__name__}: {first}"[:500]
+    ours = isinstance(error, (PipelineInputError, VariantFailed, VariantSkipped,
+                              tracking.TrackingServerUnreachable, tracking.ArtifactStoreError))
+    return first_line(error, with_type=not (ours and str(error).strip()), limit=500)

@@ -102,9 +102,9 @@ def experiment(session_dir):
 
 
 def register(experiment, name, variant, gzip_size_bytes, tflite_path):
-    """One pipeline run's champion registered as `register` registers it (pipeline.store.registry)."""
+    """One pipeline run's champion registered as `register` registers it (pipeline.selection.champion)."""
     from pipeline.config import PipelineConfig
-    from pipeline.store.registry import register_champion
+    from pipeline.selection.champion import register_champion
     from pipeline.selection.select import Selection
 
     run_id = f"manual__{name}-{variant}"

@@ -20,7 +20,8 @@ import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is im
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineInputError
 from pipeline.runtime.litert import MAX_BATCH, TFLiteRunner
-from pipeline.store.registry import promote, register_champion
+from pipeline.selection.champion import register_champion
+from pipeline.store.registry import promote
 from pipeline.selection.select import Selection
 
 IMAGE_SHAPE = (6, 6, 1)
@@ -250,7 +251,7 @@ def test_champion_moves_only_to_better_versions_and_rolls_back(store, tflite_int
 
 
 def test_retry_finishes_an_interrupted_registration(store, tflite_int8, images, monkeypatch):
-    import pipeline.store.registry as registry
+    import pipeline.selection.champion as champion
 
     name, client = "interrupted", MlflowClient()
     runs = pipeline_runs(store)
@@ -261,7 +262,7 @@ def test_retry_finishes_an_interrupted_registration(store, tflite_int8, images, 
     # the first attempt logs the model into the child run while the parent run is active (as
     # under `python -m pipeline`), registers the version, then dies before the aliases
     with mlflow.start_run(run_id=runs[0]), monkeypatch.context() as patch:
-        patch.setattr(registry, "_champion_decision", crash)
+        patch.setattr(champion, "champion_decision", crash)
         with pytest.raises(RuntimeError):
             register(store, name, "int8", gzip=1000, accuracy=0.9, tflite_path=tflite_int8,
                      images=images, runs=runs)

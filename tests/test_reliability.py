@@ -430,13 +430,14 @@ def test_mlflow_outages_are_ridden_out_by_retries_without_duplicates(airflow_db,
     run per variant and one registry version: the retries found what the failed tries created."""
     from mlflow import MlflowClient
 
-    from pipeline.store import registry, tracking
+    from pipeline.selection import champion
+    from pipeline.store import tracking
     from pipeline.airflow_adapter.launch import run_dag
     outage = mlflow_outage
     monkeypatch.setenv("PIPELINE_RETRY_DELAY_SECONDS", "1")  # read when the DAG is parsed
 
     crash_points = {"quantize": False, "register": False}
-    log_artifact, champion_decision = tracking.log_artifact, registry._champion_decision
+    log_artifact, champion_decision = tracking.log_artifact, champion.champion_decision
 
     def log_artifact_after_a_crash(run_id, local_path, artifact_path=None):
         if artifact_path == "model" and not crash_points["quantize"]:
@@ -456,7 +457,7 @@ def test_mlflow_outages_are_ridden_out_by_retries_without_duplicates(airflow_db,
                            f"{attempt.try_number} failed")
 
     monkeypatch.setattr(tracking, "log_artifact", log_artifact_after_a_crash)
-    monkeypatch.setattr(registry, "_champion_decision", champion_decision_after_a_crash)
+    monkeypatch.setattr(champion, "champion_decision", champion_decision_after_a_crash)
     attempts.after.append(restart_while_the_task_waits_for_its_retry)
 
     outage.server.stop()  # (a): down before the run starts

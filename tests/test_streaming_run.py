@@ -39,6 +39,11 @@ def test_a_photo_folder_run_shows_progress_curves_and_lineage(tmp_path):
     assert [point.step for point in curve] == [0, 1]
     assert client.get_metric_history(parent.info.run_id, "baseline/val_accuracy")
     assert client.get_metric_history(parent.info.run_id, "optimize_prune/loss")
+    # The settings pruning chose for this model and data, on the variant's child run.
+    (pruned,) = client.search_runs([experiment.experiment_id], "tags.variant = 'prune-int8'")
+    assert float(pruned.data.params["technique.prune.prune_sparsity"]) > 0
+    assert int(pruned.data.params["technique.prune.prune_epochs"]) >= 1
+    assert "technique_settings.json" in {f.path for f in client.list_artifacts(pruned.info.run_id)}
     # The dataset in MLflow's Datasets: one input per split, with the source and sizes.
     inputs = {tag.value: entry.dataset for entry in parent.inputs.dataset_inputs
               for tag in entry.tags if tag.key == "mlflow.data.context"}

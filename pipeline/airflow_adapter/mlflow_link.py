@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse, RedirectResponse
@@ -34,6 +34,8 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
+
+from pipeline.errors import without_credentials
 
 PIPELINE_DAG_ID = "model_compression"
 PLAN_TASK_ID = "plan"
@@ -51,7 +53,7 @@ def mlflow_ui_url() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         uri = os.environ.get("MLFLOW_UI_URL") or DEFAULT_MLFLOW_UI
-    return _without_credentials(uri).rstrip("/")
+    return without_credentials(uri).rstrip("/")
 
 
 def resolve_run_url(dag_id: str, run_id: str, task_id: str, map_index: int = -1,
@@ -104,14 +106,8 @@ def planned_variants(dag_id: str, run_id: str) -> list[str] | None:
 
 def _store_name() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return _without_credentials(uri) if uri else "the project's .mlflow/"
+    return without_credentials(uri) if uri else "the project's .mlflow/"
 
-
-def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _quote(value: str) -> str:  # as pipeline.store.tracking quotes values in its searches

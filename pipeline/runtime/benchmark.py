@@ -59,19 +59,15 @@ def gzip_size(path: str | Path) -> int:
 def weight_stats(model_path: str | Path) -> dict[str, float]:
     """Share of zero weights and the most distinct values in one kernel, read from the .tflite's
     conv/dense kernels (after any dequantize op), so the figures describe what ships."""
-    from ai_edge_litert.interpreter import Interpreter
-    interpreter = Interpreter(model_path=str(model_path))
-    ops = interpreter._get_ops_details()  # noqa: SLF001 (the only way to walk the graph)
-    producers = {out: op for op in ops for out in op["outputs"]}
+    from pipeline.runtime.litert import TFLiteGraph
+    graph = TFLiteGraph(model_path)
     zeros = total = unique_max = 0
-    for op in ops:
-        if op["op_name"] not in KERNEL_OPS or len(op["inputs"]) < 2:
+    for op in graph.ops:
+        index = graph.weight_index(op, through_dequantize=True)
+        if op["op_name"] not in KERNEL_OPS or index is None:
             continue
-        index = op["inputs"][1]
-        while index in producers and producers[index]["op_name"] == "DEQUANTIZE":
-            index = producers[index]["inputs"][0]
         try:
-            kernel = interpreter.get_tensor(index)
+            kernel = graph.interpreter.get_tensor(index)
         except ValueError:
             continue  # not a constant tensor
         zeros += int((kernel == 0).sum())

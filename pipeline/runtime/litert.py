@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import PipelineInputError
+from pipeline.errors import PipelineInputError, first_line
 
 # Images per call: bounds the memory of one large request.
 MAX_BATCH = 256
@@ -192,7 +192,7 @@ class TFLiteRunner:
                     # is still this runtime, only less batched.
                     self.max_batch, self._batch = 1, 1
             except Exception as error:  # the CompiledModel refused it: the interpreter runs it
-                runtime, self.fallback_reason = "interpreter", _first_line(error)
+                runtime, self.fallback_reason = "interpreter", first_line(error, with_type=True)
         if runtime == "interpreter":
             self._backend = _Interpreted(path, num_threads)
             self._batch = None
@@ -262,6 +262,41 @@ class TFLiteRunner:
         return y.astype(np.float32)
 
 
+class TFLiteGraph:
+    """A .tflite's graph as the interpreter reads it: its ops in execution order, its tensors by
+    index, and the constant weight tensor behind an op (the one walk of a graph the runtime
+    modules share). `builtin_kernels`: the interpreter's own kernels, no default delegate."""
+
+    def __init__(self, path: str | Path, builtin_kernels: bool = False):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        options = ({"experimental_op_resolver_type":
+                    OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES} if builtin_kernels else {})
+        self.interpreter = Interpreter(model_path=str(path), **options)
+        self.tensors = {t["index"]: t for t in self.interpreter.get_tensor_details()}
+        self.ops: list[dict[str, Any]] = self.interpreter._get_ops_details()  # noqa: SLF001 (the only way to walk the graph)
+        self.producers = {out: op for op in self.ops for out in op["outputs"]}
+        self.graph_inputs = {d["index"] for d in self.interpreter.get_input_details()}
+
+    def is_constant(self, index: int) -> bool:
+        """Stored in the file: neither a graph input nor an op's output."""
+        return index >= 0 and index not in self.producers and index not in self.graph_inputs
+
+    def weight_index(self, op: dict[str, Any], through_dequantize: bool = False) -> int | None:
+        """The constant tensor of `op`'s weights (its second input; with `through_dequantize`,
+        what a DEQUANTIZE op feeds it from), or None when that input is computed at run time."""
+        if len(op["inputs"]) < 2:
+            return None
+        index = op["inputs"][1]
+        while (through_dequantize and index in self.producers
+               and self.producers[index]["op_name"] == "DEQUANTIZE"):
+            index = self.producers[index]["inputs"][0]
+        return index if self.is_constant(index) else None
+
+    def dtype_names(self) -> set[str]:
+        """The element types of the file's tensors ('float32', 'int8', ...)."""
+        return {np.dtype(t["dtype"]).name for t in self.tensors.values()}
+
+
 def input_signature(model_path: str) -> tuple[list[int], np.dtype]:
     """(batch-1 input shape, input dtype) of a model, read without allocating its tensors."""
     from ai_edge_litert.interpreter import Interpreter
@@ -279,7 +314,3 @@ def open_for_benchmark(model_path: str, shape: list[int], runtime: str, num_thre
     backend.resize(shape)
     return backend.write, backend.invoke
 
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]

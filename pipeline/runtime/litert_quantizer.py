@@ -373,22 +373,15 @@ def quantize_mixed(float_tflite_path: str | Path, out_path: str | Path, *,
 
 def weighted_ops(tflite_path: str | Path) -> list[WeightedOp]:
     """The ops with a constant weight tensor, in graph order."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    interpreter = Interpreter(
-        model_path=str(tflite_path),
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    ops = interpreter._get_ops_details()  # noqa: SLF001 (the only way to walk the graph)
-    produced = {out for op in ops for out in op["outputs"]}
-    graph_inputs = {d["index"] for d in interpreter.get_input_details()}
+    from pipeline.runtime.litert import TFLiteGraph
+    graph = TFLiteGraph(tflite_path, builtin_kernels=True)
+    tensors = graph.tensors
     found = []
-    for op in ops:
+    for op in graph.ops:
         name = INTERPRETER_OP_NAMES.get(op["op_name"], op["op_name"])
-        if name not in WEIGHTED_OPS or len(op["inputs"]) < 2:
-            continue
-        weight = op["inputs"][1]
-        if weight < 0 or weight in produced or weight in graph_inputs:
-            continue  # a runtime tensor (e.g. BATCH_MATMUL of two activations)
+        weight = graph.weight_index(op)
+        if name not in WEIGHTED_OPS or weight is None:
+            continue  # no weights, or a runtime tensor (e.g. BATCH_MATMUL of two activations)
         outputs = [tensors[i]["name"] for i in op["outputs"] if i >= 0 and tensors[i]["name"]]
         found.append(WeightedOp(name=outputs[0] if outputs else f"op{op['index']}", op=name,
                                 weights=int(np.prod(tensors[weight]["shape"])),
@@ -547,12 +540,12 @@ def _check_integer(path: Path, mode: str, source: Path) -> None:
     """int8 and int16x8 are full-integer modes (as the converter's): an op the quantizer has no
     integer recipe for stays float between a DEQUANTIZE and a QUANTIZE, which an integer-only
     accelerator cannot run, so the mode does not apply."""
-    from ai_edge_litert.interpreter import Interpreter
-    interpreter = Interpreter(model_path=str(path))
-    dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
-    floating = sorted({op["op_name"] for op in interpreter._get_ops_details()  # noqa: SLF001
+    from pipeline.runtime.litert import TFLiteGraph
+    graph = TFLiteGraph(path)
+    floating = sorted({op["op_name"] for op in graph.ops
                        if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")
-                       and any(dtypes.get(i) == np.float32 for i in op["outputs"])})
+                       and any(i in graph.tensors and graph.tensors[i]["dtype"] == np.float32
+                               for i in op["outputs"])})
     if floating:
         raise QuantizerError(f"{mode} quantization of {source.name}: LiteRT Quantizer has no "
                              f"{mode} recipe for {', '.join(floating)} (they would stay float); "

@@ -1,6 +1,6 @@
 """Model cards: the markdown descriptions the registry shows for a registered model and for each of
 its versions. Pure functions of the variant's result, the selection, the settings and what the
-run recorded about its inputs (`Lineage`); `pipeline.store.registry` gathers those and writes the
+run recorded about its inputs (`Lineage`); `pipeline.selection.champion` gathers those and writes the
 text with `MlflowClient.update_model_version` / `update_registered_model`.
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config import accuracy_floor
 from pipeline.errors import PipelineInputError
 
 if TYPE_CHECKING:
@@ -76,14 +77,6 @@ def objective_value(result: dict[str, Any], objective: str) -> float | None:
         raise PipelineInputError(
             f"objective must be one of {', '.join(OBJECTIVE_METRICS)}, got {objective!r}")
     return finite_number(result.get(OBJECTIVE_METRICS[objective][0]))
-
-
-def accuracy_floor(config: "PipelineConfig", num_classes: int | None) -> float:
-    """The lowest accuracy any model may have: `min_accuracy`, else clearly above chance
-    (1.5 / classes): relative gates alone would pass every variant of a broken baseline."""
-    if config.min_accuracy is not None:
-        return config.min_accuracy
-    return 1.5 / num_classes if num_classes else 0.0
 
 
 def reference_result(results: list[dict[str, Any]]) -> dict[str, Any] | None:

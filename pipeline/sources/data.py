@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineInputError, unreadable_file_errors
+from pipeline.errors import PipelineInputError, unreadable_file_errors, without_credentials
 from pipeline.files import write_text
 from pipeline.sources.readers import (ArrayReader, FileReader, TFRecordReader, UnreadableImage,
                                       decode_workers, image_geometry, index_tfrecord,
@@ -358,7 +358,7 @@ def _finalise(dataset: Dataset, *, input_shape, num_classes, train_limit, test_l
 def _manifest(kind: str, source: str, root: str, class_names, image_shape, labels, locators,
               splits: dict[str, list[int]], *, digest: str, skipped: int = 0,
               pixels: str = "float", extra: dict | None = None) -> dict[str, Any]:
-    return {"version": MANIFEST_VERSION, "kind": kind, "source": _display(source), "root": root,
+    return {"version": MANIFEST_VERSION, "kind": kind, "source": without_credentials(source), "root": root,
             "digest": digest, "class_names": class_names,
             "image_shape": [int(v) for v in image_shape], "pixels": pixels,
             "pixel_range": [0.0, 1.0], "labels": np.asarray(labels, dtype=np.int64).tolist(),
@@ -553,7 +553,7 @@ def _index_folder(spec: str, root: str, files: list[tuple[str, int]], input_shap
     manifest = _manifest("folder", spec, root, class_names, shape, labels, kept,
                          {"train": train, "val": [], "test": test}, digest=digest,
                          skipped=skipped, pixels="uint8")
-    log.info("dataset %s: %d images in %d classes indexed (%d skipped)", _display(spec), len(kept),
+    log.info("dataset %s: %d images in %d classes indexed (%d skipped)", without_credentials(spec), len(kept),
              len(class_names), skipped)
     return Dataset(manifest, reader)
 
@@ -646,7 +646,7 @@ def _index_tfrecords(spec: str, root: str, shards: list[str], local, input_shape
     manifest = _manifest("tfrecord", spec, root, _labels_file(root), reader.shape, label_array,
                          locators, {"train": train, "val": [], "test": test}, digest=digest,
                          skipped=skipped, pixels="uint8", extra={"shards": shards})
-    log.info("dataset %s: %d records in %d shards indexed (%d skipped)", _display(spec),
+    log.info("dataset %s: %d records in %d shards indexed (%d skipped)", without_credentials(spec),
              len(locators), len(shards), skipped)
     return Dataset(manifest, reader)
 
@@ -675,7 +675,7 @@ def _index_s3(uri: str, input_shape, num_classes) -> Dataset:
             try:
                 head = endpoint.client.head_object(Bucket=bucket, Key=key)
             except ClientError:
-                raise PipelineInputError(f"dataset {_display(uri)} does not exist on the S3 endpoint "
+                raise PipelineInputError(f"dataset {without_credentials(uri)} does not exist on the S3 endpoint "
                                          f"{endpoint.display_url}") from None
             digest_hint = _listing_digest([(key, head["ContentLength"], head.get("ETag", ""))])
             path = _local_copy(uri, digest_hint)
@@ -691,11 +691,11 @@ def _index_s3(uri: str, input_shape, num_classes) -> Dataset:
                         objects.append((relative, int(item["Size"]), item.get("ETag", "")))
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") == "NoSuchBucket":
-                raise PipelineInputError(f"dataset {_display(uri)} does not exist on the S3 "
+                raise PipelineInputError(f"dataset {without_credentials(uri)} does not exist on the S3 "
                                          f"endpoint {endpoint.display_url} (no such bucket)") from None
             raise
     if not objects:
-        raise PipelineInputError(f"dataset {_display(uri)} holds no objects on the S3 endpoint "
+        raise PipelineInputError(f"dataset {without_credentials(uri)} holds no objects on the S3 endpoint "
                                  f"{endpoint.display_url}: check the prefix")
     root = f"s3://{bucket}/{prefix}"
     digest = _listing_digest(objects)
@@ -800,7 +800,3 @@ def _digest_arrays(images: list[np.ndarray], labels: list[np.ndarray]) -> str:
         sha.update(np.ascontiguousarray(array).tobytes())
     return sha.hexdigest()
 
-
-def _display(source: str) -> str:
-    from pipeline.sources.inputs import display
-    return display(source)

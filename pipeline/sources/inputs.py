@@ -17,11 +17,10 @@ that does not exist or cannot be read is one PipelineInputError naming it (witho
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline.errors import PipelineInputError
+from pipeline.errors import PipelineInputError, first_line, without_credentials
 
 log = logging.getLogger("pipeline.sources.inputs")
 
@@ -32,11 +31,6 @@ FLOAT_MODEL_TAG = "float_model_uri"
 
 def is_uri(spec: str | None) -> bool:
     return bool(spec) and urlsplit(str(spec)).scheme in ("s3", *MLFLOW_SCHEMES)
-
-
-def display(uri: str) -> str:
-    """The URI without credentials (user:secret@host)."""
-    return re.sub(r"//[^/@]*@", "//", uri)
 
 
 def fetch_input(spec: str, dest: Path, what: str) -> Path:
@@ -50,7 +44,7 @@ def fetch_input(spec: str, dest: Path, what: str) -> Path:
         return find_model(path, spec) if what == "model" else path
     if scheme not in ("", "file") and len(scheme) > 1:
         raise PipelineInputError(
-            f"unsupported {what} URI {display(spec)}: give a local path, s3://BUCKET/KEY, "
+            f"unsupported {what} URI {without_credentials(spec)}: give a local path, s3://BUCKET/KEY, "
             "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
     return Path(spec[len("file://"):] if scheme == "file" else spec).expanduser()
 
@@ -69,7 +63,7 @@ def find_model(path: Path, uri: str) -> Path:
     saved = sorted(p.parent for p in path.rglob("saved_model.pb"))
     if saved:
         return saved[0]
-    raise PipelineInputError(f"{display(uri)} holds no model the pipeline can read (a .keras, "
+    raise PipelineInputError(f"{without_credentials(uri)} holds no model the pipeline can read (a .keras, "
                              ".h5 or .tflite file or a SavedModel folder)")
 
 
@@ -90,12 +84,12 @@ def _fetch_mlflow(uri: str, dest: Path, what: str) -> Path:
                                                         dst_path=str(dest)))
     except MlflowException as error:
         if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            raise PipelineInputError(f"{what} {display(uri)} does not exist in MLflow at "
-                                     f"{display(tracking.tracking_uri())}: {_first_line(error)}") \
+            raise PipelineInputError(f"{what} {without_credentials(uri)} does not exist in MLflow at "
+                                     f"{without_credentials(tracking.tracking_uri())}: {first_line(error)}") \
                 from None
         raise
     except (FileNotFoundError, OSError) as error:
-        raise PipelineInputError(f"{what} {display(uri)} cannot be read: {_first_line(error)}") \
+        raise PipelineInputError(f"{what} {without_credentials(uri)} cannot be read: {first_line(error)}") \
             from None
 
 
@@ -112,8 +106,8 @@ def _float_model_uri(uri: str) -> str | None:
             name, _, number = uri[len("models:/"):].partition("/")
             version = tracking.client().get_model_version(name, number)
     except MlflowException as error:
-        raise PipelineInputError(f"model {display(uri)} does not exist in the MLflow registry: "
-                                 f"{_first_line(error)}") from None
+        raise PipelineInputError(f"model {without_credentials(uri)} does not exist in the MLflow registry: "
+                                 f"{first_line(error)}") from None
     return version.tags.get(FLOAT_MODEL_TAG)
 
 
@@ -164,10 +158,6 @@ def _fetch_s3(uri: str, dest: Path, what: str) -> Path:
 
 
 def _missing(what: str, uri: str, endpoint: str, reason: str) -> PipelineInputError:
-    return PipelineInputError(f"{what} {display(uri)} does not exist on the S3 endpoint "
+    return PipelineInputError(f"{what} {without_credentials(uri)} does not exist on the S3 endpoint "
                               f"{endpoint} ({reason})")
 
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:300]

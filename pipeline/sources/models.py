@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineInputError, unreadable_file_errors
+from pipeline.errors import PipelineInputError, first_line, unreadable_file_errors
 
 # Batch-norm statistics settle within ~50 steps at 0.9 (Keras' 0.99 needs thousands, which left
 # quick runs on small subsets with near-chance inference accuracy).
@@ -146,8 +146,7 @@ def load_model(path: str | Path, allow_unsafe: bool = False):
     except PipelineInputError:
         raise
     except unreadable_file_errors() as error:  # corrupt/truncated files: many exception types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PipelineInputError(f"cannot load model {path.name}: {first[:300]} (is the file "
+        raise PipelineInputError(f"cannot load model {path.name}: {first_line(error)} (is the file "
                                  "complete and saved by Keras?)") from None
 
 
@@ -230,10 +229,8 @@ class TFLiteModel:
 
 def _quantized_tensors(path: Path) -> str:
     """'int8 weights' and the like when the .tflite holds integer or float16 tensors."""
-    from ai_edge_litert.interpreter import Interpreter
-    kinds = {np.dtype(t["dtype"]).name for t in Interpreter(model_path=str(path))
-             .get_tensor_details()}
-    found = sorted(kinds & {"int8", "uint8", "int16", "float16", "int4"})
+    from pipeline.runtime.litert import TFLiteGraph
+    found = sorted(TFLiteGraph(path).dtype_names() & {"int8", "uint8", "int16", "float16", "int4"})
     return ", ".join(f"{k} tensors" for k in found)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.config import PROJECT_ROOT
+from pipeline.errors import without_credentials
 
 LOCAL_STORE = PROJECT_ROOT / ".mlflow"
 CONTRACT_METRICS = ("accuracy", "accuracy_delta_pts", "size_bytes", "gzip_size_bytes",
@@ -42,13 +43,10 @@ def require_server() -> None:
     uri = tracking_uri()
     if uri.startswith("http") and not _server_healthy(uri.rstrip("/")):
         raise TrackingServerUnreachable(
-            f"the MLflow tracking server {_without_credentials(uri)} (MLFLOW_TRACKING_URI) cannot "
+            f"the MLflow tracking server {without_credentials(uri)} (MLFLOW_TRACKING_URI) cannot "
             "be reached: start it (make up starts one on 127.0.0.1:5000), or unset "
             "MLFLOW_TRACKING_URI to use the local store .mlflow/")
 
-
-def _without_credentials(uri: str) -> str:
-    return re.sub(r"//[^/@]*@", "//", uri)
 
 
 def client():

@@ -44,8 +44,8 @@ class Outcome:
 
 def accuracy_budget(base_accuracy: float, config, num_classes: int | None) -> float:
     """The lowest validation accuracy an attempt may reach without backing off: the absolute floor
-    (`selection.select.accuracy_floor`), or BUDGET_FACTOR budgets under the base model's."""
-    from pipeline.selection.select import accuracy_floor
+    (`config.accuracy_floor`), or BUDGET_FACTOR budgets under the base model's."""
+    from pipeline.config import accuracy_floor
 
     floor = accuracy_floor(config, num_classes)
     if math.isnan(base_accuracy):
