@@ -297,16 +297,23 @@ def section(cache: Path, runs_dir: Path, env, quick: bool, progress) -> dict:
         uri = env()["MLFLOW_TRACKING_URI"]
         for training, seconds in sorted(epoch_seconds(uri, f"bench-scaling-{name}").items()):
             epoch_rows.append({"model": label, "training": training, "seconds_per_epoch": seconds})
+    # A run that stopped early says nothing about its cost: it stays in its table with its exit
+    # code (the rows that finished are still measured side by side) and fails a goal of its own.
     failed = [r for r in data_rows + model_rows if r["returncode"] != 0]
-    if failed:  # a run that stopped early says nothing about its cost
-        raise RuntimeError(f"{len(failed)} pipeline run(s) failed; see the logs in {runs_dir}")
-    peaks = [r["peak_rss_mb"] for r in data_rows]
+    peaks = [r["peak_rss_mb"] for r in data_rows if r["returncode"] == 0]
     flat = (max(peaks) / min(peaks)) if len(peaks) > 1 else None
     largest_row = next((r for r in data_rows if r["images"] == largest), {})
     goals = [
+        {"goal": "every run finished", "target": "exit 0",
+         "measured": f"{len(failed)} of {len(data_rows) + len(model_rows)} failed",
+         "met": not failed,
+         "note": f"logs in {runs_dir.name}/: " + ", ".join(
+             f"{r.get('model')} {r.get('input', r.get('images'))}" for r in failed)
+         if failed else ""},
         {"goal": "peak RSS of the largest dataset run", "target": f"< {PEAK_RSS_GOAL_MB} MB",
          "measured": f"{largest_row.get('peak_rss_mb', 0):.0f} MB",
-         "met": None if quick else largest_row.get("peak_rss_mb", 1e9) < PEAK_RSS_GOAL_MB,
+         "met": None if quick or largest_row.get("returncode") != 0
+         else largest_row["peak_rss_mb"] < PEAK_RSS_GOAL_MB,
          "note": ""},
         {"goal": "peak RSS flat in dataset size", "target": "largest / smallest <= 1.25",
          "measured": f"{flat:.2f}x" if flat else None,

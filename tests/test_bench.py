@@ -27,8 +27,8 @@ VARIANT_KEYS = {"variant", "accuracy", "size_bytes", "gzip_size_bytes", "size_ra
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    pytest.importorskip("tf2onnx", reason="make bench's requirements (requirements-bench.txt)")
-    pytest.importorskip("onnxruntime", reason="make bench's requirements (requirements-bench.txt)")
+    pytest.importorskip("tf2onnx", reason="make bench's requirements (the bench extra: pip install -e .[bench])")
+    pytest.importorskip("onnxruntime", reason="make bench's requirements (the bench extra: pip install -e .[bench])")
     out = tmp_path_factory.mktemp("bench")
     done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
                            "--cache-dir", str(out / "cache")], cwd=ROOT, capture_output=True,

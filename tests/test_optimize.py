@@ -14,6 +14,7 @@ from pipeline.sources.data import load_dataset
 from pipeline.sources.models import build_cnn, count_macs, load_model, predict_classes, tf_keras
 from pipeline.errors import PipelineInputError, TechniqueError
 from pipeline.techniques import clustering, distillation, pruning
+from pipeline.techniques.finetune import outputs_probabilities
 from pipeline.techniques.graph import fuse_layers
 from pipeline.techniques.persistence import load_optimized, save_optimized
 from pipeline.techniques.recipes import TECHNIQUES, apply_recipe, parse_recipe
@@ -240,6 +241,34 @@ def test_a_softmax_teacher_contributes_log_probabilities(base_path, dataset):
     from_probabilities = distillation.teacher_logits(probability_teacher, x)
     log_softmax = logits - np.log(np.sum(np.exp(logits), axis=1, keepdims=True))
     np.testing.assert_allclose(from_probabilities, np.maximum(log_softmax, np.log(1e-7)), atol=1e-4)
+
+
+def test_a_softmax_teacher_gets_a_student_trained_on_logits_and_served_with_softmax():
+    """A user's model that ends in softmax (keras.applications do): the student trains on
+    logits (a softmax under the logits loss flattened the gradients and kept a MobileNetV2
+    student near chance) and is handed back with the teacher's softmax, so it serves alike."""
+    keras = tf_keras()
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(16, 3, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(12, activation="relu")(x)
+    with_dense_softmax = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
+    with_softmax_layer = keras.Model(inputs, keras.layers.Softmax()(keras.layers.Dense(4)(x)))
+    for teacher in (with_dense_softmax, with_softmax_layer):
+        training = distillation.scaled_copy(teacher, 0.5, logits=True)
+        served = distillation.scaled_copy(teacher, 0.5)
+        assert not outputs_probabilities(training) and outputs_probabilities(served)
+        assert [w.shape for w in training.get_weights()] == [w.shape for w in served.get_weights()]
+        assert training.layers[1].filters == 8 and training.output_shape == (None, 4)
+        served.set_weights(training.get_weights())
+        images = np.random.default_rng(0).random((5, 8, 8, 3), dtype=np.float32)
+        np.testing.assert_allclose(served(images).numpy(), _softmax(training(images).numpy()),
+                                   atol=1e-5)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def test_prune_cluster_qat_keeps_sparsity_and_clusters_in_int8(base_path, dataset, config,

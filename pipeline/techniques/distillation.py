@@ -11,8 +11,9 @@ trained from scratch.
 The teacher's logits are computed once on the training and validation images and fed to Keras as
 a second target column, so training is a plain `fit` (no custom train_step) and the teacher is not
 run again every epoch. A teacher with a softmax output contributes its log-probabilities, which
-are logits up to a constant (softmax ignores the constant). Returns a plain, uncompiled tf_keras
-Sequential student with a logits output; refuses (TechniqueError) a student that would not have
+are logits up to a constant (softmax ignores the constant). The student trains on logits (a
+softmax at the teacher's output is made linear in its copy) and is returned, plain and uncompiled,
+with the teacher's output activation; refuses (TechniqueError) a student that would not have
 fewer multiply-adds than the teacher.
 
 Sized to the model and the data: the student keeps at least MIN_STUDENT_WEIGHTS weights (its
@@ -77,7 +78,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
         student = build_cnn(dataset.input_shape, dataset.num_classes, width=config.student_width,
                             name="student_cnn")
     else:
-        student = scaled_copy(teacher, config.student_width)
+        student = scaled_copy(teacher, config.student_width, logits=True)
     teacher_macs, student_macs = count_macs(teacher), count_macs(student)
     if teacher_macs and student_macs >= teacher_macs:
         raise TechniqueError(
@@ -91,8 +92,12 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
     with refresh:
         fit_to_teacher(student, teacher, dataset, config, epochs=config.distill_epochs,
                        learning_rate=config.learning_rate)
-    # An uncompiled copy: it saves without the custom loss and optimizer state.
-    plain = keras.models.clone_model(student)
+    # An uncompiled copy: it saves without the custom loss and optimizer state, and a teacher's
+    # softmax output is put back (the student trained on logits), so it serves like the teacher.
+    if teacher.name == "cnn":
+        plain = keras.models.clone_model(student)
+    else:
+        plain = scaled_copy(teacher, config.student_width)
     plain.set_weights(student.get_weights())
     return plain
 
@@ -101,11 +106,15 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
 _WIDTH_KEYS = {"Conv2D": "filters", "SeparableConv2D": "filters", "Dense": "units"}
 
 
-def scaled_copy(teacher, width: float):
+def scaled_copy(teacher, width: float, *, logits: bool = False):
     """The teacher's architecture with every Conv2D/SeparableConv2D's filters and every hidden
     Dense layer's units times `width` (at least 4), fresh weights. The output layers keep their
     width; layers that follow a scaled one (BatchNormalization, depthwise convs, Add) take the
-    new width when the copy is built."""
+    new width when the copy is built. With `logits`, a softmax at the output (the last Dense's
+    activation, or a Softmax/Activation layer) becomes linear: the distillation loss takes
+    logits, and a softmax under it flattens the gradients (a MobileNetV2 student stayed near
+    chance). The weights are the same either way, so the trained logits copy's weights load
+    into the softmax one."""
     keras = tf_keras()
     # The model's output layers and its last Dense (the class scores, maybe before a softmax
     # Activation layer) keep their width.
@@ -114,9 +123,15 @@ def scaled_copy(teacher, width: float):
 
     def clone(layer):
         config = layer.get_config()
-        key = _WIDTH_KEYS.get(type(layer).__name__)
+        kind = type(layer).__name__
+        key = _WIDTH_KEYS.get(kind)
         if key and layer.name not in keep:
             config[key] = max(4, int(round(config[key] * width)))
+        if logits and layer.name in keep:
+            if kind == "Softmax" or (kind == "Activation" and config.get("activation") == "softmax"):
+                return keras.layers.Activation("linear", name=layer.name)
+            if config.get("activation") == "softmax":
+                config["activation"] = "linear"
         return layer.__class__.from_config(config)
 
     try:
