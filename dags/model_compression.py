@@ -5,7 +5,8 @@ Train (or bring) a Keras classifier, produce every requested compressed variant,
 with LiteRT's CompiledModel API on the XNNPACK CPU delegate (the runtime the registered model is
 served with), choose the best under the accuracy budget and register it in MLflow.
 
-`train` -> `optimize` (one mapped task per optimized Keras model, each trained once; a
+`train` -> (for `auto-*` variants: `search_ask_N` -> `search_trial_N`, three rounds of mapped
+search trials, each an MLflow child run) -> `optimize` (one mapped task per optimized Keras model, each trained once; a
 combination such as prune+cluster continues from the prune model, training it first if needed) ->
 `variant.quantize` -> `variant.evaluate` -> `variant.benchmark` (a mapped task group, one per
 variant) -> `select` -> `register`.
@@ -34,7 +35,7 @@ from airflow.sdk import (AssetOrTimeSchedule, CronTriggerTimetable, Param, dag,
 
 from pipeline.airflow_adapter.assets import CHAMPION_CHANGES, TRAINING_DATASET
 from pipeline.config import PipelineConfig
-from pipeline.variants import all_variant_names
+from pipeline.variants import SEARCH_ROUNDS, all_variant_names
 
 # The trigger form's sections, in order; a setting not listed here lands in the last one.
 FORM_SECTIONS = {
@@ -45,7 +46,7 @@ FORM_SECTIONS = {
     "Compression techniques": ["finetune_epochs", "prune_epochs", "prune_sparsity", "prune_block",
                                "prune_structured", "sparse_storage", "cluster_count",
                                "distill_epochs", "distill_temperature", "distill_alpha",
-                               "student_width", "technique_retries"],
+                               "student_width", "technique_retries", "search_trials"],
     "Measurement": ["latency_runs", "latency_warmup"],
     "Quality gates and champion": ["max_accuracy_drop_pts", "min_accuracy", "min_compression_ratio",
                                    "max_latency_ms", "max_peak_memory_mb", "max_latency_ratio",
@@ -92,7 +93,8 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("PIPELINE_RETRY_DELAY_SECON
 # Each stage's time limit (execution_timeout), per attempt: generous for the default CNN on a
 # 2-core machine (train+optimize took 6 min there), so only a hung task reaches it.
 # PIPELINE_<STAGE>_TIMEOUT_MINUTES overrides one, e.g. PIPELINE_TRAIN_TIMEOUT_MINUTES=720.
-_DEFAULT_TIMEOUT_MINUTES = {"plan": 5, "recipes": 5, "train": 360, "optimize": 360,
+_DEFAULT_TIMEOUT_MINUTES = {"plan": 5, "recipes": 5, "train": 360, "search_ask": 10,
+                            "search_trial": 360, "optimize": 360,
                             "quantize": 60, "evaluate": 60, "benchmark": 60, "select": 30,
                             "register": 30}
 TIMEOUTS = {stage: timedelta(minutes=float(os.environ.get(f"PIPELINE_{stage.upper()}_TIMEOUT_MINUTES",
@@ -109,6 +111,7 @@ RECIPE_LABEL = "{{ task.op_kwargs['recipe'] }}"
 VARIANT_LABEL = "{{ task.op_kwargs['variant'] }}"
 QUANTIZED_LABEL = "{{ task.op_kwargs['quantized']['variant'] }}"
 EVALUATED_LABEL = "{{ task.op_kwargs['evaluated']['variant'] }}"
+TRIAL_LABEL = "{{ task.op_kwargs['spec']['label'] }}"
 
 SCHEDULE = AssetOrTimeSchedule(
     # run_immediately=0: unpausing on a Monday must not start a full run for this week's slot.
@@ -203,13 +206,16 @@ def model_compression():
 
     @documented_task(queue="training", pool=TRAINING_POOL, execution_timeout=TIMEOUTS["optimize"],
           map_index_template=RECIPE_LABEL,
+          trigger_rule="all_done",  # after the searches, whatever their trials did
           max_active_tis_per_dagrun=1)  # fine-tuning saturates a worker's cores
-    def optimize(ctx: dict, recipe: str) -> dict:
+    def optimize(ctx: dict | None, recipe: str) -> dict:
         """Fine-tune one optimized Keras model (pruning, clustering, QAT, distillation or a
-        combination continuing from its prefix) and log it for the variants that need it."""
+        combination continuing from its prefix) and log it for the variants that need it; for
+        an auto-* variant, take its search's best trial."""
         from pipeline import stages
         from pipeline.errors import TechniqueError  # the model has a layer it cannot handle
-        return _input_errors_fail_fast(stages.optimize, ctx, recipe, permanent=(TechniqueError,))
+        return _input_errors_fail_fast(stages.optimize, _require_context(ctx), recipe,
+                                       permanent=(TechniqueError,))
 
     @documented_task(trigger_rule="all_done",  # runs when an optimization failed: it records why
           execution_timeout=TIMEOUTS["quantize"], map_index_template=VARIANT_LABEL)
@@ -270,10 +276,40 @@ def model_compression():
         announce_champion(get_current_context()["outlet_events"], outcome)
         return outcome
 
+    @documented_task(trigger_rule="all_done",  # a failed trial does not end the search
+                     execution_timeout=TIMEOUTS["search_ask"])
+    def search_ask(ctx: dict | None, round_number: int) -> list[dict]:
+        """Choose the next round of trials of every auto-* variant's search (Optuna, from the
+        trials so far); skipped when there is none (no auto-* variant, or the budget is spent)."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipeline import stages
+        specs = stages.search_ask(_require_context(ctx), round_number)
+        if not specs:
+            raise AirflowSkipException("no auto-* search trials in this round")
+        return specs
+
+    @documented_task(queue="training", pool=TRAINING_POOL, execution_timeout=TIMEOUTS["search_trial"],
+                     map_index_template=TRIAL_LABEL)
+    def search_trial(ctx: dict, spec: dict) -> dict:
+        """One trial of a search: the technique chain with the trial's settings, converted and
+        measured on the validation split, in its own MLflow child run."""
+        from pipeline import stages
+        return stages.search_trial(ctx, spec)
+
     planned = plan()
     ctx = train()
     planned >> ctx
+    # The auto-* searches: rounds of mapped trials (on the training queue, so Celery workers
+    # share them), each round chosen from the ones before; optimize picks each search's best.
+    previous = ctx
+    for number in range(SEARCH_ROUNDS):
+        asked = search_ask.override(task_id=f"search_ask_{number + 1}")(ctx, number)
+        previous >> asked
+        previous = search_trial.override(task_id=f"search_trial_{number + 1}").partial(
+            ctx=ctx).expand(spec=asked)
     optimized = optimize.partial(ctx=ctx).expand(recipe=recipes(planned))
+    previous >> optimized
     variants = variant.partial(ctx=ctx).expand(variant=planned)
     selection = select(ctx)
     variants >> selection

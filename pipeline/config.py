@@ -100,6 +100,9 @@ class PipelineConfig:
                                      "far below the accuracy budget on the validation split, each "
                                      "more conservative (lower sparsity, more clusters, a wider "
                                      "student, longer recovery)", minimum=0, maximum=5)
+    search_trials: int = setting(12, "Trials of each auto-* variant's search, in 3 "
+                                 "rounds (one Airflow task per trial)",
+                                 minimum=2, maximum=200)
     # Measurement
     latency_runs: int = setting(200, "Timed invokes per latency measurement", minimum=1,
                                 maximum=100000)

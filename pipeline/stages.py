@@ -27,13 +27,14 @@ from pipeline.files import atomic_path, save_array, write_bytes, write_json, wri
 from pipeline import progress
 from pipeline.store import artifacts, tracking
 from pipeline.errors import PipelineInputError, TechniqueError, first_line
-from pipeline.variants import parse_variant, parse_variants
+from pipeline.variants import is_search, parse_variant, parse_variants
 
 log = logging.getLogger("pipeline")
 
 BASELINE_FOLDER = f"{artifacts.EXCHANGE}/baseline"
 TRAIN_FOLDER = f"{artifacts.EXCHANGE}/train"
 OPTIMIZED_FOLDER = f"{artifacts.EXCHANGE}/optimized"
+SEARCH_FOLDER = f"{artifacts.EXCHANGE}/search"
 
 
 class VariantFailed(RuntimeError):
@@ -255,6 +256,8 @@ def optimize(ctx: RunContext | dict, recipe: str) -> dict[str, Any]:
         artifacts.store_json(parent, skipped, record)
         return skipped
     out_dir = local_run_dir(run.pipeline_run_id) / "optimized" / _safe(recipe)
+    if is_search(recipe):
+        return _finish_search(run, recipe, out_dir)
     try:
         techniques = parse_recipe(recipe)
         start = None
@@ -293,6 +296,155 @@ def optimize(ctx: RunContext | dict, recipe: str) -> dict[str, Any]:
         "recipe", "settings", "attempts", "fits_budget", "base_val_accuracy",
         "budget_val_accuracy", "val_accuracy")}, f"optimize/{_safe(recipe)}.json")
     tracking.log_metrics(parent, {_stage_metric("optimize", recipe): time.perf_counter() - started})
+    return result
+
+
+# -------------------------------------------------------------------------------------- search
+def search_ask(ctx: RunContext | dict, round_number: int) -> list[dict[str, Any]]:
+    """The trials of one round of every `auto-*` variant's search (`techniques.search`), chosen
+    by Optuna from the trials of the earlier rounds: [{recipe, trial, round, params, label}].
+    Recorded in the parent run (`exchange/search/<recipe>/round-<n>.json`) for the next round."""
+    from pipeline.techniques import search
+
+    run = RunContext.of(ctx)
+    if run.techniques_unavailable or not run.technique_base_uri:
+        return []  # the auto-* variants are skipped with the reason (optimize records it)
+    specs: list[dict[str, Any]] = []
+    for recipe in (r for r in recipes(run.config.variants) if is_search(r)):
+        folder = f"{SEARCH_FOLDER}/{_safe(recipe)}"
+        asked = artifacts.load_json(run.parent_run_id, f"{folder}/round-{round_number}.json")
+        if asked is None:
+            history, first = _search_history(run, recipe, round_number)
+            count = search.round_sizes(run.config.search_trials)[round_number]
+            mode = parse_variant(recipe).quantization
+            asked = [{"recipe": recipe, "trial": first + index, "round": round_number,
+                      "params": params, "label": f"{recipe} trial {first + index}"}
+                     for index, params in enumerate(
+                         search.suggest(mode, run.config, history, count, round_number))]
+            artifacts.store_json(run.parent_run_id, asked, f"{folder}/round-{round_number}.json")
+        specs.extend(asked)
+    return specs
+
+
+def _search_history(run: RunContext, recipe: str, rounds: int) -> tuple[list[dict], int]:
+    """The trial records of a search's first `rounds` rounds (a trial that left no record
+    counts as failed), and the number the next trial gets."""
+    folder = f"{SEARCH_FOLDER}/{_safe(recipe)}"
+    history: list[dict[str, Any]] = []
+    for number in range(rounds):
+        for spec in artifacts.load_json(run.parent_run_id, f"{folder}/round-{number}.json") or []:
+            history.append(artifacts.load_json(run.parent_run_id, _trial_record(spec))
+                           or {**spec, "error": "the trial left no record"})
+    return history, len(history)
+
+
+def _trial_record(spec: dict[str, Any]) -> str:
+    return f"{SEARCH_FOLDER}/{_safe(spec['recipe'])}/trial-{spec['trial']}.json"
+
+
+def search_trial(ctx: RunContext | dict, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one trial of a search: the chain with the trial's settings, converted and measured on
+    the validation split, in an MLflow child run of its own (params, metrics, verdict). A failed
+    trial is recorded (its error in the record and the run) and returned, not raised: the search
+    goes on without it."""
+    from pipeline.techniques import search
+
+    run = RunContext.of(ctx)
+    parent = run.parent_run_id
+    done = artifacts.load_json(parent, _trial_record(spec))
+    if done is not None:
+        return done
+    tags = {"search": spec["recipe"], "search_trial": spec["label"], "round": str(spec["round"])}
+    run_id = tracking.child_run(parent, tags, key="search_trial", role="search_trial")
+    tracking.log_params(run_id, spec["params"])
+    record: dict[str, Any] = {**spec}
+    try:
+        if not run.technique_base_uri:
+            raise TechniqueError(run.techniques_unavailable or "no Keras model to search on")
+        dataset = open_dataset(run)
+        progress.stage("search", f"{spec['label']} (round {spec['round'] + 1}): {spec['params']}")
+        out_dir = local_run_dir(run.pipeline_run_id) / "search" / _safe(spec["recipe"]) / str(
+            spec["trial"])
+        with progress.training(run_id, "trial"):
+            outcome = search.run_trial(parse_variant(spec["recipe"]).quantization,
+                                       str(artifacts.fetch(run.technique_base_uri)), dataset,
+                                       run.config, spec["params"], out_dir)
+        folder = f"{SEARCH_FOLDER}/{_safe(spec['recipe'])}/trial-{spec['trial']}"
+        record.update({key: value for key, value in outcome.items()
+                       if key not in ("model_path", "tflite_path")},
+                      model_uri=artifacts.store(parent, outcome["model_path"], folder))
+        tracking.log_artifact(run_id, Path(outcome["tflite_path"]), "model")
+        tracking.log_metrics(run_id, {key: float(outcome[key]) for key in (
+            "val_accuracy", "base_val_accuracy", "budget_accuracy", "size_bytes",
+            "gzip_size_bytes", "seconds")})
+        verdict = (f"within the budget: {outcome['val_accuracy']:.4f} validation accuracy "
+                   f"(budget {outcome['budget_accuracy']:.4f}) at "
+                   f"{outcome['gzip_size_bytes'] / 1024:.1f} KB gzipped"
+                   if outcome["fits_budget"] else
+                   f"outside the budget: {outcome['val_accuracy']:.4f} validation accuracy < "
+                   f"{outcome['budget_accuracy']:.4f}")
+        tracking.set_tags(run_id, {"status": "ok", "fits_budget": str(outcome["fits_budget"]).lower()})
+        tracking.set_description(run_id, f"{spec['label']}: {verdict}")
+        tracking.finish_run(run_id)
+        progress.stage("search", f"{spec['label']}: {verdict}")
+    except Exception as error:
+        log.error("%s failed: %s", spec["label"], traceback.format_exc()[-2000:])
+        record["error"] = one_line(error)
+        tracking.fail_run(run_id, record["error"])
+    artifacts.store_json(parent, record, _trial_record(spec))
+    return record
+
+
+def _finish_search(run: RunContext, recipe: str, out_dir: Path) -> dict[str, Any]:
+    """optimize() of an `auto-*` recipe: the rounds the DAG has not run yet (all of them on the
+    command line), then the best trial's model as the recipe's model, with the trial history and
+    its picture (`search/<recipe>.png`, `.json`) on the parent run."""
+    from pipeline.techniques import search
+    from pipeline.techniques.persistence import load_optimized
+    from pipeline.techniques.recipes import describe
+
+    parent = run.parent_run_id
+    try:
+        started = time.perf_counter()
+        for number in range(search.ROUNDS):
+            for spec in search_ask(run, number):
+                search_trial(run, spec)
+        history, _ = _search_history(run, recipe, search.ROUNDS)
+        chosen = search.best(history)
+        if chosen is None:
+            raise TechniqueError(f"{recipe}: every trial of the search failed, the first with: "
+                                 f"{history[0].get('error') if history else 'no trials'}")
+        dataset = open_dataset(run)
+        model_path = str(artifacts.fetch(chosen["model_uri"]))
+        result = describe(load_optimized(model_path), dataset, out_dir, recipe, model_path)
+    except Exception as error:
+        artifacts.store_json(parent, {"recipe": recipe, "error": one_line(error)},
+                             _recipe_record(recipe))
+        raise
+    folder = f"{OPTIMIZED_FOLDER}/{_safe(recipe)}/{uuid.uuid4().hex[:8]}"
+    result.pop("model_path")
+    result.update(
+        model_uri=chosen["model_uri"],
+        keras_predictions_uri=artifacts.store(parent, result.pop("keras_predictions_path"), folder),
+        base_val_accuracy=chosen["base_val_accuracy"], budget_val_accuracy=chosen["budget_accuracy"],
+        fits_budget=chosen["fits_budget"],
+        settings={"search": {**chosen["params"], "trial": chosen["trial"],
+                             "trials": len(history)}},
+        attempts={"search": [{"attempt": record["trial"] + 1, "round": record["round"] + 1,
+                              "settings": record["params"],
+                              "val_accuracy": record.get("val_accuracy"),
+                              "gzip_size_bytes": record.get("gzip_size_bytes"),
+                              "error": record.get("error")} for record in history]})
+    artifacts.store_json(parent, result, _recipe_record(recipe))
+    tracking.log_dict(parent, {key: result[key] for key in (
+        "recipe", "settings", "attempts", "fits_budget", "base_val_accuracy",
+        "budget_val_accuracy", "val_accuracy")}, f"optimize/{_safe(recipe)}.json")
+    _log_picture(parent, f"{_safe(recipe)}.png", lambda path: search.plot_history(
+        history, chosen, f"{recipe}: {len(history)} trials", path), "search")
+    tracking.log_metrics(parent, {_stage_metric("optimize", recipe): time.perf_counter() - started})
+    progress.stage("search", f"{recipe}: chose trial {chosen['trial']} of {len(history)} "
+                   f"({chosen['params']}): {chosen['val_accuracy']:.4f} validation accuracy, "
+                   f"{chosen['gzip_size_bytes'] / 1024:.1f} KB gzipped")
     return result
 
 
@@ -339,8 +491,8 @@ def quantize(ctx: RunContext | dict, variant_name: str) -> VariantResult:
         float_tflite = source.get("tflite_path")
         if mode in CONVERTER_MODES and float_tflite is None:
             convert(mode, out, representative_data=calibration,
-                    qat="qat" in variant.optimizations,
-                    sparse=config.sparse_storage and "prune" in variant.optimizations, **source)
+                    qat="qat" in variant.techniques,
+                    sparse=config.sparse_storage and "prune" in variant.techniques, **source)
         else:
             float_tflite = float_tflite or convert("float32", out.with_name("float32.tflite"),
                                                    **source)
@@ -449,11 +601,11 @@ def _log_sensitivity(run_id: str, table: list[dict], placement: dict | None = No
                  lambda path: sensitivity_plot(table, path, title, placement))
 
 
-def _log_picture(run_id: str, name: str, draw) -> None:
-    """Draw a PNG with `draw(path)` and store it as the run's artifact `name`."""
+def _log_picture(run_id: str, name: str, draw, folder: str | None = None) -> None:
+    """Draw a PNG with `draw(path)` and store it as the run's artifact `name` (in `folder`)."""
     import tempfile
-    with tempfile.TemporaryDirectory() as folder:
-        tracking.log_artifact(run_id, draw(Path(folder) / name))
+    with tempfile.TemporaryDirectory() as scratch:
+        tracking.log_artifact(run_id, draw(Path(scratch) / name), folder)
 
 
 def evaluate(ctx: RunContext | dict, quantized: VariantResult) -> VariantResult:

@@ -21,6 +21,12 @@ OPTIMIZATION_ORDER = ("distill", "prune", "cluster", "qat", "qat4")
 # A quantization-aware model is trained for one mode; converting it to anything else throws the
 # training away: `qat` trains for the converter's int8 kernels, `qat4` for the int4 mode's weights.
 QAT_MODES = {"qat": "int8", "qat4": "int4"}
+# `auto-<mode>`: a search over the settings of this chain (pipeline.techniques.search) for the
+# smallest model of that mode within the accuracy budget, on the validation split.
+AUTO = "auto"
+SEARCH_CHAINS = {"int4": ("prune", "cluster", "qat4"), "int8": ("prune", "cluster", "qat"),
+                 "dynamic": ("prune", "cluster")}
+SEARCH_ROUNDS = 3  # each round's trials are chosen from the rounds before (the DAG's shape)
 
 DEFAULT_VARIANTS = (
     "float32", "dynamic", "float16", "int8", "int16x8",
@@ -53,12 +59,22 @@ class Variant:
 
     @property
     def recipe(self) -> str:
-        """The optimized Keras model this variant is converted from ('' = the baseline)."""
+        """The optimized Keras model this variant is converted from ('' = the baseline;
+        `auto-<mode>` = the best model of that search)."""
+        if self.optimizations == (AUTO,):
+            return self.name
         return "+".join(self.optimizations)
+
+    @property
+    def techniques(self) -> tuple[str, ...]:
+        """The techniques its model went through (a search's: the chain it searched)."""
+        if self.optimizations == (AUTO,):
+            return SEARCH_CHAINS[self.quantization]
+        return self.optimizations
 
     def tags(self) -> dict[str, str]:
         return {"variant": self.name, "quantization": self.quantization,
-                "optimizations": ",".join(self.optimizations)}
+                "optimizations": ",".join(self.techniques)}
 
 
 def parse_variant(name: str) -> Variant:
@@ -74,6 +90,12 @@ def parse_variant(name: str) -> Variant:
             f"unknown variant {text!r}: the quantization mode must be one of "
             f"{', '.join(QUANTIZATION_MODES)} (e.g. 'prune-int8')")
     optimizations = tuple(o for o in opt_part.split("+")) if opt_part else ()
+    if AUTO in optimizations:
+        if optimizations != (AUTO,) or mode not in SEARCH_CHAINS:
+            raise PipelineInputError(
+                f"unknown variant {text!r}: '{AUTO}' searches on its own, for one of "
+                f"{', '.join(f'{AUTO}-{m}' for m in SEARCH_CHAINS)}")
+        return Variant(optimizations, mode)
     unknown = [o for o in optimizations if o not in OPTIMIZATION_ORDER]
     if unknown:
         raise PipelineInputError(
@@ -129,4 +151,9 @@ def all_variant_names() -> list[str]:
                 if qat_problem(optimizations, mode):
                     continue
                 names.append(Variant(optimizations, mode).name)
-    return names
+    return names + [Variant((AUTO,), mode).name for mode in SEARCH_CHAINS]
+
+
+def is_search(recipe: str) -> bool:
+    """Whether a recipe name (stages.recipes) is an `auto-<mode>` search."""
+    return recipe.startswith(AUTO + "-")

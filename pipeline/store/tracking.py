@@ -115,14 +115,16 @@ def fail_parent_run(experiment: str, pipeline_run_id: str, error: str) -> str | 
     return found[0].info.run_id
 
 
-def child_run(parent_run_id: str, variant_tags: dict[str, str]) -> str:
-    """The child run of `parent_run_id` for one variant, created once."""
+def child_run(parent_run_id: str, variant_tags: dict[str, str], *, key: str = "variant",
+              role: str = "variant") -> str:
+    """The child run of `parent_run_id` for one variant (or, with key="search_trial", one trial
+    of a search), created once: found again by its tag `key`."""
     mlflow_client = client()
     parent = mlflow_client.get_run(parent_run_id)
-    variant = variant_tags["variant"]
+    variant = variant_tags[key]
     found = mlflow_client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.variant = '{_quote(variant)}'",
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.{key} = '{_quote(variant)}'",
         max_results=1)
     if found:
         run_id = found[0].info.run_id
@@ -131,7 +133,7 @@ def child_run(parent_run_id: str, variant_tags: dict[str, str]) -> str:
             mlflow_client.delete_tag(run_id, "error")
         return run_id
     run = mlflow_client.create_run(parent.info.experiment_id, run_name=variant, tags={
-        "mlflow.parentRunId": parent_run_id, "run_role": "variant",
+        "mlflow.parentRunId": parent_run_id, "run_role": role,
         "pipeline_run_id": parent.data.tags.get("pipeline_run_id", ""), **variant_tags})
     return run.info.run_id
 

@@ -7,6 +7,7 @@ distillation. Around them, one job per module:
     graph.py        fuse_layers: the model TF-MOT's techniques work on
     persistence.py  save_optimized, load_optimized
     stats.py        kernel_stats, keras_params (seen through TF-MOT's wrappers)
+    search.py       the auto-* variants: an Optuna search of a chain's settings
     backoff.py, sizing.py, train.py, validation.py   retries within the accuracy budget; epochs
                     and batch sizes; baseline training; validation accuracy
 

@@ -97,8 +97,6 @@ def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir, *,
     every attempt's settings and validation accuracy; `fits_budget` False when a technique's
     best attempt stayed under the budget.
     """
-    from sklearn.metrics import accuracy_score
-
     techniques = parse_recipe(recipe)
     name = "+".join(techniques)
     applied: tuple[str, ...] = ()
@@ -123,7 +121,17 @@ def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir, *,
         fits = fits and outcome.fits
         applied += (technique,)
 
-    model_path = save_optimized(model, out_dir / name)
+    return {**describe(model, dataset, out_dir, name, save_optimized(model, out_dir / name)),
+            "base_val_accuracy": base_accuracy, "budget_val_accuracy": budget,
+            "fits_budget": fits, "settings": settings, "attempts": attempts}
+
+
+def describe(model, dataset, out_dir: Path, name: str, model_path: str) -> dict[str, Any]:
+    """The figures every optimized model's record holds: {recipe, model_path, params, macs,
+    sparsity, unique_weights_max, unique_weights_per_channel_max, val_accuracy,
+    keras_test_accuracy, keras_predictions_path} (its test predictions saved as .npy)."""
+    from sklearn.metrics import accuracy_score
+
     test_predictions = predict_classes(model, dataset.batches("test"))
     predictions_path = str(save_array(out_dir / f"{name}.test-predictions.npy", test_predictions))
     stats = kernel_stats(model)
@@ -139,11 +147,6 @@ def apply_recipe(recipe: str, base_model_path: str, dataset, config, out_dir, *,
                                              predict_classes(model, dataset.batches("val")))),
         "keras_test_accuracy": float(accuracy_score(dataset.labels("test"), test_predictions)),
         "keras_predictions_path": predictions_path,
-        "base_val_accuracy": base_accuracy,
-        "budget_val_accuracy": budget,
-        "fits_budget": fits,
-        "settings": settings,
-        "attempts": attempts,
     }
 
 

@@ -1,0 +1,199 @@
+"""Accuracy-aware search: the `auto-<mode>` variants. Instead of fixed settings (tuned on one
+model), Optuna's TPE sampler searches the settings of a technique chain (variants.SEARCH_CHAINS:
+prune+cluster+qat4 for int4, prune+cluster+qat for int8, prune+cluster for dynamic) for the
+smallest gzipped model of that mode whose validation accuracy, measured through LiteRT on the
+converted .tflite, stays within `max_accuracy_drop_pts` of the base model's. The test split is
+never looked at: the quality gates decide on it afterwards, as for every variant.
+
+The search runs in ROUNDS rounds. Each round, `suggest` rebuilds the study from the finished
+trials' records (so no study database has to be shared between workers) and asks for the next
+trials; `run_trial` runs one of them. In the DAG every trial is a mapped task on the `training`
+queue, so Celery workers share a search; `python -m pipeline run` runs the same rounds in turn.
+The first trial is always the configured (fixed) settings, so the search can only improve on
+them, and the constraint (budget - accuracy <= 0, Optuna's trial constraints) steers TPE to feasible settings.
+
+A search also shares the per-technique back-off's rules (`backoff.configured`): a trial's
+settings are config fields, and each technique sizes its fine-tuning to the data as usual.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.techniques.backoff import configured
+from pipeline.variants import SEARCH_CHAINS
+from pipeline.variants import SEARCH_ROUNDS as ROUNDS
+SPARSITY_RANGE = (0.5, 0.97)
+PRUNE_BLOCKS = (1, 4, 16)
+CLUSTER_COUNTS = (8, 16, 32)
+EPOCH_FACTORS = (1, 2)
+
+
+def space(mode: str) -> dict[str, Any]:
+    """The searched settings of `mode`'s chain, as Optuna distributions."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    chain = SEARCH_CHAINS[mode]
+    distributions: dict[str, Any] = {}
+    if "prune" in chain:
+        distributions["prune_sparsity"] = FloatDistribution(*SPARSITY_RANGE)
+        distributions["prune_block"] = CategoricalDistribution(PRUNE_BLOCKS)
+    if "cluster" in chain:
+        distributions["cluster_count"] = CategoricalDistribution(CLUSTER_COUNTS)
+    distributions["epochs_factor"] = CategoricalDistribution(EPOCH_FACTORS)
+    return distributions
+
+
+def configured_trial(mode: str, config) -> dict[str, Any]:
+    """The configured settings as a trial of the search (its first), clipped into the space."""
+    first: dict[str, Any] = {}
+    chain = SEARCH_CHAINS[mode]
+    if "prune" in chain:
+        low, high = SPARSITY_RANGE
+        first["prune_sparsity"] = min(high, max(low, config.prune_sparsity))
+        first["prune_block"] = min(PRUNE_BLOCKS, key=lambda block: abs(block - config.prune_block))
+    if "cluster" in chain:
+        first["cluster_count"] = min(CLUSTER_COUNTS,
+                                     key=lambda count: abs(count - config.cluster_count))
+    first["epochs_factor"] = 1
+    return first
+
+
+def round_sizes(trials: int) -> list[int]:
+    """`trials` split over ROUNDS rounds, the earlier rounds taking the remainder."""
+    base, extra = divmod(trials, ROUNDS)
+    return [base + (1 if number < extra else 0) for number in range(ROUNDS)]
+
+
+def suggest(mode: str, config, history: list[dict[str, Any]], count: int,
+            round_number: int) -> list[dict[str, Any]]:
+    """The settings of the next `count` trials, given the finished ones (`run_trial`'s records;
+    a record with an `error` counts as a failed trial)."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    distributions = space(mode)
+    sampler = optuna.samplers.TPESampler(
+        seed=config.seed + round_number, n_startup_trials=max(2, config.search_trials // 3),
+        multivariate=True, constant_liar=True)
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    for record in history:
+        params = {name: record["params"][name] for name in distributions
+                  if name in record.get("params", {})}
+        if len(params) != len(distributions):
+            continue  # a record of another space (settings changed between rounds)
+        if record.get("error"):
+            study.add_trial(create_trial(state=TrialState.FAIL, params=params,
+                                         distributions=distributions))
+        else:
+            study.add_trial(create_trial(
+                value=float(record["gzip_size_bytes"]), params=params, distributions=distributions,
+                constraints={"accuracy": record["budget_accuracy"] - record["val_accuracy"]}))
+    if not history:
+        study.enqueue_trial(configured_trial(mode, config))
+    return [study.ask(distributions).params for _ in range(count)]
+
+
+def trial_config(config, params: dict[str, Any]):
+    """`config` with a trial's settings: no back-off inside a trial (the search is the back-off)."""
+    factor = int(params.get("epochs_factor", 1))
+    settings = {name: value for name, value in params.items() if name != "epochs_factor"}
+    settings.update(prune_epochs=config.prune_epochs * factor,
+                    finetune_epochs=config.finetune_epochs * factor, technique_retries=0)
+    return configured(config, settings)
+
+
+def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str, Any],
+              out_dir: Path) -> dict[str, Any]:
+    """Apply `mode`'s chain with the trial's settings to a fresh copy of the base model, convert
+    it to `mode` and measure it: {params, val_accuracy, base_val_accuracy, budget_accuracy,
+    fits_budget, size_bytes, gzip_size_bytes, seconds, model_path, tflite_path}."""
+    from pipeline.runtime.benchmark import gzip_size
+    from pipeline.runtime.evaluate import evaluate_tflite
+    from pipeline.sources.models import load_model
+    from pipeline.techniques.persistence import save_optimized
+    from pipeline.techniques.recipes import TECHNIQUES
+    from pipeline.techniques.train import set_seed
+    from pipeline.techniques.validation import validation_accuracy
+
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trial = trial_config(config, params)
+    model = load_model(base_model_path, allow_unsafe=config.allow_unsafe_model)
+    base_accuracy = validation_accuracy(model, dataset)
+    applied: tuple[str, ...] = ()
+    for name in SEARCH_CHAINS[mode]:
+        set_seed(config.seed)
+        model = TECHNIQUES[name].apply(model, dataset, trial, applied=applied)
+        applied += (name,)
+    model_path = save_optimized(model, out_dir / "model")
+    tflite = convert_to(mode, model, out_dir / "model.tflite", dataset, config)
+    accuracy = evaluate_tflite(str(tflite), dataset.batches("val"), dataset.class_names).accuracy
+    budget = base_accuracy - config.max_accuracy_drop_pts / 100.0
+    return {"params": params, "val_accuracy": float(accuracy),
+            "base_val_accuracy": float(base_accuracy), "budget_accuracy": float(budget),
+            "fits_budget": bool(accuracy >= budget), "size_bytes": tflite.stat().st_size,
+            "gzip_size_bytes": gzip_size(tflite), "seconds": time.perf_counter() - started,
+            "model_path": model_path, "tflite_path": str(tflite)}
+
+
+def convert_to(mode: str, model, out: Path, dataset, config) -> Path:
+    """The .tflite of `mode` a trial is measured as (as the quantize stage would convert it,
+    int4 with LiteRT Quantizer's default op kinds)."""
+    from pipeline.runtime import litert_quantizer as lq
+    from pipeline.runtime.quantize import convert
+    if mode == "int4":
+        float_tflite = convert("float32", out.with_name("float32.tflite"), model=model)
+        return lq.quantize_tflite("int4", float_tflite, out)
+    if mode == "int8":
+        calibration = dataset.calibration_batches(config.calibration_samples, config.seed)
+        return convert("int8", out, model=model, representative_data=calibration,
+                       qat="qat" in SEARCH_CHAINS[mode])
+    return convert(mode, out, model=model)
+
+
+def best(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The smallest trial within the budget; when none is, the most accurate (fits_budget False
+    tells); None when every trial failed."""
+    finished = [record for record in history if not record.get("error")]
+    if not finished:
+        return None
+    fitting = [record for record in finished if record["fits_budget"]]
+    if fitting:
+        return min(fitting, key=lambda record: (record["gzip_size_bytes"], -record["val_accuracy"]))
+    return max(finished, key=lambda record: (record["val_accuracy"], -record["gzip_size_bytes"]))
+
+
+def plot_history(history: list[dict[str, Any]], chosen: dict[str, Any] | None, title: str,
+                 path: Path) -> Path:
+    """Gzip size against validation accuracy, one point per trial coloured by round, the budget
+    line and the chosen trial ringed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finished = [record for record in history if not record.get("error")]
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    colours = plt.get_cmap("viridis")
+    for number in range(ROUNDS):
+        points = [record for record in finished if record.get("round") == number]
+        if points:
+            axes.scatter([p["gzip_size_bytes"] / 1024 for p in points],
+                         [p["val_accuracy"] for p in points],
+                         color=colours(number / max(1, ROUNDS - 1)), label=f"round {number + 1}")
+    if finished:
+        axes.axhline(finished[0]["budget_accuracy"], color="grey", linestyle="--",
+                     label="budget (validation)")
+    if chosen is not None:
+        axes.scatter([chosen["gzip_size_bytes"] / 1024], [chosen["val_accuracy"]], s=160,
+                     facecolors="none", edgecolors="red", label="chosen")
+    axes.set_xlabel("gzip size (KB)")
+    axes.set_ylabel("validation accuracy")
+    axes.set_title(title)
+    axes.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
