@@ -33,6 +33,13 @@ def test_task_order(dagbag):
     assert "variant.benchmark" in task("select").upstream_task_ids
     assert "select" in task("register").upstream_task_ids
     assert task("select").trigger_rule == "all_done"
+    # The auto-* searches: rounds of mapped trials between train and optimize, each round asked
+    # after the one before finished (failed trials included).
+    assert "train" in task("search_ask_1").upstream_task_ids
+    assert "search_ask_1" in task("search_trial_1").upstream_task_ids
+    assert "search_trial_1" in task("search_ask_2").upstream_task_ids
+    assert "search_trial_3" in task("optimize").upstream_task_ids
+    assert task("search_ask_2").trigger_rule == task("optimize").trigger_rule == "all_done"
 
 
 def test_parsing_imports_nothing_heavy():
@@ -118,7 +125,7 @@ def test_stage_time_limits_can_be_set_per_deployment(monkeypatch):
 def test_training_tasks_share_the_training_pool_and_queue(dagbag):
     dag = dagbag.dags["model_compression"]
     in_pool = sorted(t.task_id for t in dag.tasks if t.pool == "training")
-    assert in_pool == ["optimize", "train"]
+    assert in_pool == ["optimize", "search_trial_1", "search_trial_2", "search_trial_3", "train"]
     assert all(dag.get_task(t).queue == "training" for t in in_pool)
 
 

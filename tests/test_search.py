@@ -1,0 +1,151 @@
+"""The auto-* variants: an Optuna search of a technique chain's settings for the smallest model
+within the accuracy budget on the validation split, its trials MLflow child runs of their own."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow import MlflowClient
+
+from benchmarks.scaling import make_photos
+from pipeline.errors import PipelineInputError
+from pipeline.techniques import search
+from pipeline.variants import all_variant_names, parse_variant
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = SimpleNamespace(seed=42, search_trials=9, prune_sparsity=0.91, prune_block=16,
+                         cluster_count=16, prune_epochs=8, finetune_epochs=2)
+
+
+def test_auto_variants_name_the_chain_they_search():
+    variant = parse_variant("auto-int4")
+    assert variant.recipe == "auto-int4"
+    assert variant.techniques == ("prune", "cluster", "qat4")
+    assert variant.tags()["optimizations"] == "prune,cluster,qat4"
+    assert parse_variant("auto-int8").techniques == ("prune", "cluster", "qat")
+    assert {"auto-int4", "auto-int8", "auto-dynamic"} <= set(all_variant_names())
+    for wrong in ("auto-float16", "prune+auto-int8", "auto+prune-int4"):
+        with pytest.raises(PipelineInputError, match="auto-int4, auto-int8, auto-dynamic"):
+            parse_variant(wrong)
+
+
+def test_the_first_trial_is_the_configured_settings_and_later_rounds_learn_from_the_history():
+    first = search.suggest("int4", CONFIG, [], 3, 0)
+    assert first[0] == {"prune_sparsity": 0.91, "prune_block": 16, "cluster_count": 16,
+                        "epochs_factor": 1}
+    assert len({str(p) for p in first}) == 3
+    # A made-up model: accuracy falls off above 0.85 sparsity; the size shrinks with sparsity.
+    history = []
+    for number in range(3):
+        for params in search.suggest("int4", CONFIG, history, 3, number):
+            accuracy = 0.93 - 2 * max(0.0, params["prune_sparsity"] - 0.85)
+            history.append({"params": params, "round": number, "trial": len(history),
+                            "val_accuracy": accuracy, "budget_accuracy": 0.92,
+                            "fits_budget": accuracy >= 0.92,
+                            "gzip_size_bytes": int(100_000 * (1 - params["prune_sparsity"]))})
+    history.append({"params": history[0]["params"], "round": 2, "trial": 9, "error": "boom"})
+    chosen = search.best(history)
+    fitting = [r for r in history if r.get("fits_budget")]
+    assert chosen["gzip_size_bytes"] == min(r["gzip_size_bytes"] for r in fitting)
+    assert chosen["fits_budget"] and chosen["params"]["prune_sparsity"] <= 0.855
+    # Nothing within the budget: the most accurate trial, marked as not fitting.
+    outside = [{**r, "fits_budget": False} for r in history if not r.get("error")]
+    assert search.best(outside)["val_accuracy"] == max(r["val_accuracy"] for r in outside)
+    assert search.best([{"error": "boom"}]) is None
+
+
+def test_trials_are_split_over_the_rounds():
+    assert search.round_sizes(12) == [4, 4, 4]
+    assert search.round_sizes(10) == [4, 3, 3]
+    assert search.round_sizes(2) == [1, 1, 0]
+
+
+def test_a_trial_runs_the_chain_with_its_settings_and_measures_it_on_validation(tmp_path):
+    import tf_keras
+
+    from pipeline.config import PipelineConfig
+    from pipeline.sources.data import load_dataset
+    from tests.small_models import shape_images, tf_keras_depthwise_residual
+
+    dataset = load_dataset(str(shape_images(tmp_path / "shapes.npz", classes=3, train=240,
+                                            test=60, size=32)))
+    model = tf_keras_depthwise_residual(dataset.input_shape, 3)
+    model.compile(optimizer="adam",
+                  loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*dataset.arrays("train"), epochs=2, batch_size=32, verbose=0)
+    model.save(tmp_path / "base.keras")
+    config = PipelineConfig.from_mapping({"prune_epochs": 1, "finetune_epochs": 1,
+                                          "size_to_data": False, "calibration_samples": 16})
+    outcome = search.run_trial("int8", str(tmp_path / "base.keras"), dataset, config,
+                               {"prune_sparsity": 0.3, "prune_block": 1, "cluster_count": 8,
+                                "epochs_factor": 1}, tmp_path / "trial")
+    assert 0.0 <= outcome["val_accuracy"] <= 1.0
+    assert outcome["budget_accuracy"] == pytest.approx(outcome["base_val_accuracy"] - 0.01)
+    assert outcome["fits_budget"] == (outcome["val_accuracy"] >= outcome["budget_accuracy"])
+    assert outcome["gzip_size_bytes"] < outcome["size_bytes"]
+    assert Path(outcome["tflite_path"]).exists() and Path(outcome["model_path"]).exists()
+    # The settings were applied: the largest kernel is as sparse as pruning's plan for the
+    # trial's prune_sparsity (0.3) makes it, and that plan differs from one for 0.8.
+    import numpy as np
+
+    from pipeline.sources.models import load_model
+    from pipeline.techniques.graph import fuse_layers
+    from pipeline.techniques.persistence import load_optimized
+    from pipeline.techniques.pruning import layer_plan
+
+    def largest_planned(sparsity: float) -> float:
+        plan = layer_plan(fuse_layers(load_model(tmp_path / "base.keras")), search.trial_config(
+            config, {"prune_sparsity": sparsity, "prune_block": 1}))
+        return max(plan.values(), key=lambda layer: layer.get("weights", 0))["sparsity"]
+
+    kernels = [w for w in load_optimized(outcome["model_path"]).get_weights() if w.ndim >= 2]
+    largest = max(kernels, key=np.size)
+    assert np.mean(largest == 0) == pytest.approx(largest_planned(0.3), abs=0.03)
+    assert largest_planned(0.3) < largest_planned(0.8)
+
+
+def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
+    photos = make_photos(tmp_path / "photos", 150, size=48)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PIPELINE_WORK_DIR": str(tmp_path / "work"), "MLFLOW_TRACKING_URI": store}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--dataset", str(photos), "--epochs", "2",
+         "--variants", "float32,auto-int4", "--experiment", "search-run",
+         "--registered-model-name", "search-run", "--set", "search_trials=3",
+         "--set", "prune_epochs=1", "--set", "finetune_epochs=1", "--set", "size_to_data=false",
+         "--set", "latency_runs=5", "--set", "calibration_samples=16", "--set", "min_accuracy=0"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stderr
+    assert "[search] auto-int4 trial 0 (round 1): {'prune_sparsity': 0.91" in log, log[-3000:]
+    assert "[search] auto-int4 trial 2 (round 3)" in log
+    assert "[search] auto-int4: chose trial " in log
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("search-run")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.run_role = 'parent'")
+    trials = client.search_runs([experiment.experiment_id], "tags.run_role = 'search_trial'")
+    assert sorted(run.data.tags["search_trial"] for run in trials) == [
+        f"auto-int4 trial {n}" for n in range(3)]
+    for run in trials:
+        assert run.info.status == "FINISHED" and run.data.tags["search"] == "auto-int4"
+        assert {"prune_sparsity", "prune_block", "cluster_count"} <= set(run.data.params)
+        assert {"val_accuracy", "gzip_size_bytes", "budget_accuracy"} <= set(run.data.metrics)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # The variant ships the smallest trial within the budget (else the most accurate one).
+    records = [{"params": r.data.params, "val_accuracy": r.data.metrics["val_accuracy"],
+                "gzip_size_bytes": r.data.metrics["gzip_size_bytes"],
+                "fits_budget": r.data.tags["fits_budget"] == "true"} for r in trials]
+    chosen = search.best(records)
+    (variant,) = client.search_runs([experiment.experiment_id], "tags.variant = 'auto-int4'")
+    assert variant.data.tags["status"] == "ok"
+    assert (float(variant.data.params["technique.search.prune_sparsity"])
+            == pytest.approx(float(chosen["params"]["prune_sparsity"])))
+    # The trials are not variants: the summary has the two requested ones.
+    assert "**Variants:** 2 (" in parent.data.tags.get("mlflow.note.content", "")
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, "search")}
+    assert "search/auto-int4.png" in artifacts
+    assert "optimize/auto-int4.json" in {
+        f.path for f in client.list_artifacts(parent.info.run_id, "optimize")}
