@@ -103,6 +103,9 @@ class PipelineConfig:
     search_trials: int = setting(12, "Trials of each auto-* variant's search, in 3 "
                                  "rounds (one Airflow task per trial)",
                                  minimum=2, maximum=200)
+    search_train_images: int = setting(10000, "Training images a search trial fine-tunes on (a "
+                                       "sample; 0 = all): the chosen settings are then trained "
+                                       "once more on all of them", minimum=0)
     # Measurement
     latency_runs: int = setting(200, "Timed invokes per latency measurement", minimum=1,
                                 maximum=100000)

@@ -415,21 +415,37 @@ def _finish_search(run: RunContext, recipe: str, out_dir: Path) -> dict[str, Any
             raise TechniqueError(f"{recipe}: every trial of the search failed, the first with: "
                                  f"{history[0].get('error') if history else 'no trials'}")
         dataset = open_dataset(run)
-        model_path = str(artifacts.fetch(chosen["model_uri"]))
+        final = chosen
+        if chosen.get("train_images", dataset.train_count) < dataset.train_count:
+            progress.stage("search", f"{recipe}: training trial {chosen['trial']}'s settings on "
+                           f"all {dataset.train_count} training images")
+            with progress.training(parent, f"optimize_{recipe}"):
+                assert run.technique_base_uri  # optimize() returned earlier without one
+                final = search.run_trial(parse_variant(recipe).quantization,
+                                         str(artifacts.fetch(run.technique_base_uri)), dataset,
+                                         run.config, chosen["params"], out_dir / "final",
+                                         train_images=0)
+            model_path = final["model_path"]
+        else:
+            model_path = str(artifacts.fetch(chosen["model_uri"]))
         result = describe(load_optimized(model_path), dataset, out_dir, recipe, model_path)
     except Exception as error:
         artifacts.store_json(parent, {"recipe": recipe, "error": one_line(error)},
                              _recipe_record(recipe))
         raise
     folder = f"{OPTIMIZED_FOLDER}/{_safe(recipe)}/{uuid.uuid4().hex[:8]}"
-    result.pop("model_path")
+    model_path = result.pop("model_path")
     result.update(
-        model_uri=chosen["model_uri"],
+        model_uri=(chosen["model_uri"] if final is chosen
+                   else artifacts.store(parent, model_path, folder)),
         keras_predictions_uri=artifacts.store(parent, result.pop("keras_predictions_path"), folder),
-        base_val_accuracy=chosen["base_val_accuracy"], budget_val_accuracy=chosen["budget_accuracy"],
-        fits_budget=chosen["fits_budget"],
+        base_val_accuracy=final["base_val_accuracy"], budget_val_accuracy=final["budget_accuracy"],
+        fits_budget=final["fits_budget"],
         settings={"search": {**chosen["params"], "trial": chosen["trial"],
-                             "trials": len(history)}},
+                             "trials": len(history),
+                             "trial_train_images": chosen.get("train_images"),
+                             "trial_val_accuracy": round(chosen["val_accuracy"], 4),
+                             "final_val_accuracy": round(final["val_accuracy"], 4)}},
         attempts={"search": [{"attempt": record["trial"] + 1, "round": record["round"] + 1,
                               "settings": record["params"],
                               "val_accuracy": record.get("val_accuracy"),
@@ -443,8 +459,8 @@ def _finish_search(run: RunContext, recipe: str, out_dir: Path) -> dict[str, Any
         history, chosen, f"{recipe}: {len(history)} trials", path), "search")
     tracking.log_metrics(parent, {_stage_metric("optimize", recipe): time.perf_counter() - started})
     progress.stage("search", f"{recipe}: chose trial {chosen['trial']} of {len(history)} "
-                   f"({chosen['params']}): {chosen['val_accuracy']:.4f} validation accuracy, "
-                   f"{chosen['gzip_size_bytes'] / 1024:.1f} KB gzipped")
+                   f"({chosen['params']}): {final['val_accuracy']:.4f} validation accuracy, "
+                   f"{final['gzip_size_bytes'] / 1024:.1f} KB gzipped")
     return result
 
 
@@ -762,7 +778,8 @@ def select(ctx: RunContext | dict) -> dict[str, Any]:
     selection = choose(results, config, run.num_classes)
     run_dir = local_run_dir(run.pipeline_run_id)
     report_dir = run_dir / "report"
-    markdown = summary_markdown(results, selection) + _sensitivity_sections(results, selection)
+    markdown = (summary_markdown(results, selection) + _search_sections(run)
+                + _sensitivity_sections(results, selection))
     write_text(report_dir / "summary.md", markdown)
     ok = [r for r in results if r.get("status") == "ok"]
     if ok:  # the budget line: the float32 accuracy less max_accuracy_drop_pts
@@ -788,6 +805,33 @@ def select(ctx: RunContext | dict) -> dict[str, Any]:
     log.info("selection: %s", selection.reason)
     write_json(run_dir / "select.json", selected)
     return selected
+
+
+def _search_sections(run: RunContext) -> str:
+    """Per auto-* variant: the settings its search chose and every trial (validation split),
+    beside the picture `search/<recipe>.png` of the parent run."""
+    sections = []
+    for recipe in (r for r in recipes(run.config.variants) if is_search(r)):
+        record = artifacts.load_json(run.parent_run_id, _recipe_record(recipe)) or {}
+        chosen = (record.get("settings") or {}).get("search")
+        if not chosen:
+            continue
+        rows = "".join(
+            f"| {a['attempt'] - 1} | {a['round']} | "
+            + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in a["settings"].items())
+            + (f" | failed: {a['error']} | | |\n" if a.get("error") else
+               f" | {a['val_accuracy']:.4f} | {a['gzip_size_bytes'] / 1024:.1f} KB | "
+               f"{'**chosen**' if a['attempt'] - 1 == chosen['trial'] else ''} |\n")
+            for a in (record.get("attempts") or {}).get("search", []))
+        sections.append(
+            f"\n## Search: `{recipe}`\n\nOptuna (TPE) over the chain's settings, smallest gzip "
+            f"size with validation accuracy >= {record.get('budget_val_accuracy', 0):.4f} "
+            f"(the base model's {record.get('base_val_accuracy', 0):.4f} less "
+            f"max_accuracy_drop_pts); picture: `search/{_safe(recipe)}.png`.\n\n"
+            "| trial | round | settings | validation accuracy | gzip size | |\n"
+            "|---:|---:|:---|---:|---:|:---|\n" + rows)
+    return "".join(sections)
 
 
 def _sensitivity_sections(results: list[dict], selection) -> str:

@@ -85,3 +85,13 @@ def test_registered_model_description_says_what_it_classifies():
     assert "**Classes (3):** `T-shirt/top`, `Trouser`, `Bag`" in text
     assert "`(N, 28, 28, 1)`" in text
     assert "`s3://bucket/fashion/`" in text
+
+
+def test_an_auto_variants_card_names_the_settings_its_search_chose():
+    text = card("prune+cluster+qat4-int4", run_params={
+        "technique.search.prune_sparsity": "0.9412", "technique.search.prune_block": "16",
+        "technique.search.cluster_count": "8", "technique.search.trial": "5",
+        "technique.search.trials": "12", "technique.prune.prune_epochs": "8"})
+    assert ("**Settings found by the accuracy-aware search** (trial 5 of 12, chosen on the "
+            "validation split): cluster_count 8, prune_block 16, prune_sparsity 0.9412") in text
+    assert "target sparsity 0.91" not in text  # not the configured settings

@@ -114,6 +114,7 @@ def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
         [sys.executable, "-m", "pipeline", "run", "--dataset", str(photos), "--epochs", "2",
          "--variants", "float32,auto-int4", "--experiment", "search-run",
          "--registered-model-name", "search-run", "--set", "search_trials=3",
+         "--set", "search_train_images=60",
          "--set", "prune_epochs=1", "--set", "finetune_epochs=1", "--set", "size_to_data=false",
          "--set", "latency_runs=5", "--set", "calibration_samples=16", "--set", "min_accuracy=0"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
@@ -122,6 +123,8 @@ def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
     assert "[search] auto-int4 trial 0 (round 1): {'prune_sparsity': 0.91" in log, log[-3000:]
     assert "[search] auto-int4 trial 2 (round 3)" in log
     assert "[search] auto-int4: chose trial " in log
+    # Trials fine-tune on a sample of 60 images; the chosen settings then on all of them.
+    assert "settings on all 108 training images" in log
 
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name("search-run")
@@ -143,8 +146,14 @@ def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
     assert variant.data.tags["status"] == "ok"
     assert (float(variant.data.params["technique.search.prune_sparsity"])
             == pytest.approx(float(chosen["params"]["prune_sparsity"])))
-    # The trials are not variants: the summary has the two requested ones.
+    assert variant.data.params["technique.search.trial_train_images"] == "60"
+    # The trials are not variants: the summary has the two requested ones; the report shows the
+    # search's trials and its choice.
     assert "**Variants:** 2 (" in parent.data.tags.get("mlflow.note.content", "")
+    summary = Path(client.download_artifacts(parent.info.run_id, "report/summary.md",
+                                             str(tmp_path))).read_text()
+    assert "## Search: `auto-int4`" in summary and "**chosen**" in summary
+
     artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, "search")}
     assert "search/auto-int4.png" in artifacts
     assert "optimize/auto-int4.json" in {

@@ -145,11 +145,13 @@ def _write_model_cards(client, name, version, result, selection, config, decisio
     tags = client.get_model_version(name, version.version).tags
     lineage = _lineage(client, tags.get("parent_run_id"))
     child_run_id = tags.get("child_run_id") or version.run_id
-    run_tags = client.get_run(child_run_id).data.tags if child_run_id else {}
+    child = client.get_run(child_run_id) if child_run_id else None
+    run_tags = child.data.tags if child else {}
     evaluation = run_json(client, child_run_id, "evaluation.json") or {}
     per_class = evaluation.get("per_class_accuracy") or None
     card = version_card(result, selection, config, name=name, version=version.version,
                         decision=decision, lineage=lineage, run_tags=run_tags,
+                        run_params=child.data.params if child else {},
                         per_class_accuracy=per_class,
                         float_model_uri=tags.get("float_model_uri"))
     client.update_model_version(name, version.version, description=card)

@@ -61,6 +61,7 @@ def technique_settings(optimizations: list[str], config: "PipelineConfig") -> di
 def version_card(result: dict[str, Any], selection: Selection, config: "PipelineConfig", *,
                  name: str, version: str | int, decision: str, lineage: Lineage,
                  run_tags: dict[str, str] | None = None,
+                 run_params: dict[str, str] | None = None,
                  per_class_accuracy: dict[str, float] | None = None,
                  float_model_uri: str | None = None) -> str:
     """The markdown description of one registered version: where it comes from, what was done to
@@ -75,7 +76,7 @@ def version_card(result: dict[str, Any], selection: Selection, config: "Pipeline
     sections = [f"# `{variant}`: version {version} of `{name}`\n",
                 f"**Champion decision:** {decision}\n",
                 _source_section(lineage, float_model_uri),
-                _variant_section(result, optimizations, config, run_tags),
+                _variant_section(result, optimizations, config, run_tags, run_params or {}),
                 _measurements_section(result, lineage, run_tags),
                 _gates_section(result, selection, config, lineage),
                 _per_class_section(per_class_accuracy),
@@ -136,13 +137,22 @@ def _dataset_words(lineage: Lineage) -> str:
     return words + (f" ({', '.join(details)})" if details else "")
 
 
-def _variant_section(result, optimizations, config, run_tags) -> str:
+def _variant_section(result, optimizations, config, run_tags, run_params) -> str:
     mode = str(result.get("quantization", ""))
     lines = ["## Variant\n",
              f"- **Quantization:** `{mode}`: {QUANTIZATION_WORDS.get(mode, mode)}"]
     if mode == "mixed" and run_tags.get("mixed_kept"):
         lines.append(f"  - layers kept at int8: {run_tags['mixed_kept']}")
-    if optimizations:
+    searched = {key.removeprefix("technique.search."): value for key, value in run_params.items()
+                if key.startswith("technique.search.")}
+    if searched:  # an auto-* variant: the settings its search chose, not the configured ones
+        found = ", ".join(f"{key} {value}" for key, value in sorted(searched.items())
+                          if key not in ("trial", "trials"))
+        lines.append(f"- **Settings found by the accuracy-aware search** (trial "
+                     f"{searched.get('trial', '?')} of {searched.get('trials', '?')}, chosen on the "
+                     f"validation split): {found}; techniques in order: "
+                     + ", ".join(f"`{technique}`" for technique in optimizations))
+    elif optimizations:
         lines.append("- **Training-time techniques**, in order:")
         lines.extend(f"  - `{technique}`: {words}" for technique, words
                      in technique_settings(optimizations, config).items())

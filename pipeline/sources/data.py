@@ -14,6 +14,8 @@ Images come out as float32 (N, H, W, C) in the model's pixel range (0..1 unless 
 """
 from __future__ import annotations
 
+import copy
+
 import gzip
 import hashlib
 import json
@@ -103,6 +105,16 @@ class Dataset:
     @property
     def test_count(self) -> int:
         return self.count("test")
+
+    def sample_train(self, count: int, seed: int = 0) -> "Dataset":
+        """A view with `count` of the training images (chosen by `seed`, kept in order; the
+        validation and test splits unchanged), or this dataset when it has no more."""
+        if count <= 0 or count >= self.train_count:
+            return self
+        view = copy.copy(self)
+        chosen = np.random.default_rng(seed).choice(len(self._ids["train"]), count, replace=False)
+        view._ids = {**self._ids, "train": self._ids["train"][np.sort(chosen)]}
+        return view
 
     def labels(self, split: str) -> np.ndarray:
         """The split's labels, in the order `batches` gives its images (no image is read)."""

@@ -9,8 +9,10 @@ The search runs in ROUNDS rounds. Each round, `suggest` rebuilds the study from 
 trials' records (so no study database has to be shared between workers) and asks for the next
 trials; `run_trial` runs one of them. In the DAG every trial is a mapped task on the `training`
 queue, so Celery workers share a search; `python -m pipeline run` runs the same rounds in turn.
-The first trial is always the configured (fixed) settings, so the search can only improve on
-them, and the constraint (budget - accuracy <= 0, Optuna's trial constraints) steers TPE to feasible settings.
+Trials fine-tune on a sample of the training images (`search_train_images`: a cheaper
+estimate, as multi-fidelity searches do); the chosen settings are trained once more on all of
+them. The first trial is always the configured (fixed) settings, so the search can only improve
+on them, and the constraint (budget - accuracy <= 0, Optuna's trial constraints) steers TPE to feasible settings.
 
 A search also shares the per-technique back-off's rules (`backoff.configured`): a trial's
 settings are config fields, and each technique sizes its fine-tuning to the data as usual.
@@ -105,10 +107,13 @@ def trial_config(config, params: dict[str, Any]):
 
 
 def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str, Any],
-              out_dir: Path) -> dict[str, Any]:
+              out_dir: Path, *, train_images: int | None = None) -> dict[str, Any]:
     """Apply `mode`'s chain with the trial's settings to a fresh copy of the base model, convert
-    it to `mode` and measure it: {params, val_accuracy, base_val_accuracy, budget_accuracy,
-    fits_budget, size_bytes, gzip_size_bytes, seconds, model_path, tflite_path}."""
+    it to `mode` and measure it: {params, train_images, val_accuracy, base_val_accuracy,
+    budget_accuracy, fits_budget, size_bytes, gzip_size_bytes, seconds, model_path,
+    tflite_path}. `train_images` (default `config.search_train_images`; 0 = all): the
+    fine-tuning sees a sample of that many training images, a cheaper estimate of the whole
+    (multi-fidelity search); validation is always the whole split."""
     from pipeline.runtime.benchmark import gzip_size
     from pipeline.runtime.evaluate import evaluate_tflite
     from pipeline.sources.models import load_model
@@ -120,6 +125,8 @@ def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     trial = trial_config(config, params)
+    dataset = dataset.sample_train(
+        config.search_train_images if train_images is None else train_images, config.seed)
     model = load_model(base_model_path, allow_unsafe=config.allow_unsafe_model)
     base_accuracy = validation_accuracy(model, dataset)
     applied: tuple[str, ...] = ()
@@ -131,7 +138,8 @@ def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str
     tflite = convert_to(mode, model, out_dir / "model.tflite", dataset, config)
     accuracy = evaluate_tflite(str(tflite), dataset.batches("val"), dataset.class_names).accuracy
     budget = base_accuracy - config.max_accuracy_drop_pts / 100.0
-    return {"params": params, "val_accuracy": float(accuracy),
+    return {"params": params, "train_images": dataset.train_count,
+            "val_accuracy": float(accuracy),
             "base_val_accuracy": float(base_accuracy), "budget_accuracy": float(budget),
             "fits_budget": bool(accuracy >= budget), "size_bytes": tflite.stat().st_size,
             "gzip_size_bytes": gzip_size(tflite), "seconds": time.perf_counter() - started,
