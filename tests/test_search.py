@@ -106,6 +106,7 @@ def test_a_trial_runs_the_chain_with_its_settings_and_measures_it_on_validation(
     assert largest_planned(0.3) < largest_planned(0.8)
 
 
+@pytest.mark.pipeline  # a whole CLI run with its search; make test-stack
 def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
     photos = make_photos(tmp_path / "photos", 150, size=48)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -158,3 +159,35 @@ def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
     assert "search/auto-int4.png" in artifacts
     assert "optimize/auto-int4.json" in {
         f.path for f in client.list_artifacts(parent.info.run_id, "optimize")}
+
+
+def test_the_dag_runs_a_search_as_rounds_of_mapped_trials(airflow_db):
+    from airflow.models import TaskInstance
+    from airflow.utils.session import create_session
+    from mlflow import MlflowClient
+
+    from pipeline.airflow_adapter.launch import run_dag
+    from tests.conftest import QUICK
+    conf = {**QUICK, "variants": ["float32", "auto-dynamic"], "search_trials": 2,
+            "search_train_images": 600, "experiment": "e2e-search",
+            "registered_model_name": "e2e-search-model", "min_accuracy": 0}
+    run, ctx = run_dag(conf)
+    assert str(run.state).endswith("success")
+    with create_session() as session:
+        instances = session.query(TaskInstance).filter(TaskInstance.run_id == run.run_id).all()
+    states = {(ti.task_id, ti.rendered_map_index): str(ti.state) for ti in instances}
+    # Two trials in rounds of 1, 1, 0: the third round has nothing to ask and is skipped.
+    assert states[("search_trial_1", "auto-dynamic trial 0")].endswith("success"), states
+    assert states[("search_trial_2", "auto-dynamic trial 1")].endswith("success"), states
+    assert states[("search_ask_3", None)].endswith("skipped"), states
+    assert states[("optimize", "auto-dynamic")].endswith("success"), states
+    client = MlflowClient()
+    parent = client.get_run(ctx["parent_run_id"])
+    trials = client.search_runs([parent.info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                "tags.run_role = 'search_trial'")
+    assert len(trials) == 2
+    (variant,) = client.search_runs([parent.info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                    "tags.variant = 'auto-dynamic'")
+    assert variant.data.tags["status"] == "ok"
