@@ -1,12 +1,14 @@
 """The Python API: `compress()` runs the pipeline in-process and returns the results as data."""
 import numpy as np
 import pandas as pd
+import pytest
 from mlflow import MlflowClient
 
 from pipeline import compress
 from pipeline.runtime.litert import TFLiteRunner
 
 
+@pytest.mark.pipeline  # a whole in-process run of four variants with registration; make test-stack
 def test_compress_takes_a_keras_model_and_arrays_and_returns_the_results(tiny_model_path,
                                                                         small_dataset):
     from pipeline.sources.models import load_model

@@ -32,13 +32,18 @@ def _single_class_folder(root):
     return str(root)
 
 
+# The cases that get past the argument checks start a process that loads TensorFlow, data or a
+# model (15-30 s each on a loaded 2-core machine): make test-stack; the others are make test-fast.
+LOADS = pytest.mark.pipeline
+
+
 @pytest.mark.parametrize("case, expected", [
-    ("missing_dataset", "dataset not found"),
-    ("single_class", "at least 2"),
-    ("labels_out_of_range", "labels out of range"),
-    ("nan_pixels", "NaN or infinite"),
-    ("corrupt_model", "cannot load model"),
-    ("missing_model", "model not found"),
+    pytest.param("missing_dataset", "dataset not found", marks=LOADS),
+    pytest.param("single_class", "at least 2", marks=LOADS),
+    pytest.param("labels_out_of_range", "labels out of range", marks=LOADS),
+    pytest.param("nan_pixels", "NaN or infinite", marks=LOADS),
+    pytest.param("corrupt_model", "cannot load model", marks=LOADS),
+    pytest.param("missing_model", "model not found", marks=LOADS),
     ("unknown_variant", "unknown variant"),
     ("bad_epochs", "'epochs' must be at least 1"),
     ("bad_option", "invalid value"),

@@ -842,6 +842,7 @@ def _postgres_bin() -> Path | None:
     return None
 
 
+@pytest.mark.pipeline  # a throwaway PostgreSQL server process; make test-stack
 @pytest.mark.skipif(_postgres_bin() is None or shutil.which("psql") is None, reason="no PostgreSQL server here")
 def test_init_db_sql_runs_on_a_real_server():
     """The init script against a throwaway PostgreSQL cluster, as the image's entrypoint runs it."""

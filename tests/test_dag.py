@@ -167,6 +167,7 @@ def test_register_announces_only_a_new_champion():
         assert events[AssetAlias(CHAMPION_CHANGES.name)].asset_alias_events == []
 
 
+@pytest.mark.pipeline  # a DAG run through Airflow (dag.test on a migrated metadata DB); make test-stack
 def test_mapped_tasks_named_and_champion_event_in_a_real_run(airflow_db, register_dag, tmp_path):
     """A stand-in with the DAG's shape (mapped `optimize`, mapped `variant` group handing on a
     dict, `register` with the champion alias outlet), run by Airflow with the DAG's own labels:

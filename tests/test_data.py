@@ -210,6 +210,7 @@ def test_tfrecord_shards_stream_with_their_own_test_split(tmp_path):
     assert np.array_equal(x.mean(axis=(1, 2)).argmax(axis=1), y)
 
 
+@pytest.mark.pipeline  # a moto_server process (tests/test_s3.py: S3 end to end); make test-stack
 def test_an_s3_prefix_streams_through_each_workers_cache(tmp_path, moto_s3, monkeypatch):
     """An image folder under an s3:// prefix: `train` reads the listing and each image once;
     another worker opening the manifest fetches into its own cache what it reads, keyed by

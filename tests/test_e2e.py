@@ -3,6 +3,8 @@ import pytest
 
 from tests.conftest import QUICK, ROOT
 
+pytestmark = pytest.mark.pipeline  # whole DAG runs through Airflow; make test-stack
+
 CONTRACT_METRICS = ("accuracy", "accuracy_delta_pts", "size_bytes", "gzip_size_bytes",
                     "compression_ratio", "gzip_compression_ratio", "latency_ms_p50",
                     "latency_ms_p90", "peak_memory_mb")

@@ -153,6 +153,7 @@ def _custom_dense():
     return Dense
 
 
+@pytest.mark.pipeline  # trains each technique on the translation (tests/test_optimize.py: on tf_keras)
 @pytest.mark.parametrize("technique", ["prune", "cluster", "qat"])
 def test_tfmot_techniques_work_on_the_translation_and_it_converts(technique, translated_path,
                                                                   small_dataset, tmp_path,
@@ -196,6 +197,7 @@ def _image_folder(dataset, root, classes=3, per_class=120):
     return root
 
 
+@pytest.mark.pipeline  # a whole run of six variants (minutes on 2 cores); make test-stack
 def test_a_keras3_model_gets_every_technique(small_dataset, tmp_path, monkeypatch):
     """A Keras 3 model with a residual branch, BN, depthwise and separable convolutions and a
     Rescaling layer, trained on an image folder: the training-time variants run on its tf_keras

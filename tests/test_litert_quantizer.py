@@ -214,6 +214,7 @@ def test_int4_and_mixed_variant_names():
 
 
 # ------------------------------------------------------------- through the pipeline's stages
+@pytest.mark.pipeline  # a whole run of eight variants; make test-stack
 def test_a_tflite_input_runs_the_post_training_variants_and_skips_the_others(
         tflite, tiny_model_path, small_dataset, tmp_path):
     """`--model model.tflite` (e.g. converted from PyTorch): the post-training variants, int4 and

@@ -271,6 +271,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+@pytest.mark.pipeline  # three trainings and an int8 conversion, a minute or more; make test-stack
 def test_prune_cluster_qat_keeps_sparsity_and_clusters_in_int8(base_path, dataset, config,
                                                                tmp_path):
     result = apply_recipe("prune+cluster+qat", base_path, dataset, config, tmp_path)
@@ -341,6 +342,7 @@ def stage_context(name: str, base_model: str, dataset, config, tmp_path, monkeyp
         baseline_predictions_uri="").to_dict()
 
 
+@pytest.mark.pipeline  # two trainings (prune, cluster) through the stages and MLflow; make test-stack
 def test_a_collaborative_recipe_continues_from_its_prefix_trained_once(base_path, dataset, config,
                                                                        tmp_path, monkeypatch):
     from pipeline.store import artifacts
@@ -441,6 +443,7 @@ def test_qat4_leaves_dense_kernels_on_the_grid_the_int4_mode_stores(base_path, d
     assert agreement >= 0.98
 
 
+@pytest.mark.pipeline  # three trainings (prune, cluster, QAT int4); make test-stack
 def test_qat4_after_clustering_keeps_the_convolutions_clusters_and_zeros(base_path, dataset,
                                                                           config, tmp_path):
     """The convolutions (int8 in the int4 mode) train only their shared values: same zeros, no

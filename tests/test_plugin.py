@@ -171,6 +171,7 @@ def test_redirect_requires_an_airflow_login(plugin):
     assert response.status_code == 401
 
 
+@pytest.mark.pipeline  # a DAG run through Airflow (dag.test on a migrated metadata DB); make test-stack
 def test_redirect_reads_the_variant_from_a_real_dag_runs_plan(plugin, client, ui, airflow_db, register_dag,
                                                               monkeypatch, tmp_path):
     """A stand-in for the pipeline DAG with its shape (plan -> train -> mapped `variant` group),

@@ -142,6 +142,7 @@ def task_instance(dag_run, task_id):
         return ti
 
 
+@pytest.mark.pipeline  # DAG runs through Airflow (dag.test on a migrated metadata DB); make test-stack
 def test_promote_model_rolls_the_champion_back_and_refuses_unknown_versions(
         airflow_db, dagbag, experiment, tflite_int8, capfd):
     name = "promote-dag-tests"
@@ -168,6 +169,7 @@ def test_promote_model_rolls_the_champion_back_and_refuses_unknown_versions(
     assert aliases(name) == {"champion": 1, "challenger": 2}  # nothing changed
 
 
+@pytest.mark.pipeline  # DAG runs through Airflow (dag.test on a migrated metadata DB); make test-stack
 def test_publish_dataset_validates_and_emits_the_asset_event(airflow_db, dagbag, tmp_path):
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.pipeline  # the README's API example (a whole run) and make serve; make test-stack
+
 README = (ROOT / "README.md").read_text()
 
 

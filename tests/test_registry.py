@@ -295,6 +295,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.pipeline  # an `mlflow models serve` server process; make test-stack
 def test_mlflow_models_serve_answers_invocations(served, store, tflite_int8, images, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the model brings its code

@@ -46,6 +46,8 @@ from PIL import Image
 from tests.conftest import QUICK
 from tests.servers import ServerProcess, running_mlflow_server, server_env
 
+pytestmark = pytest.mark.pipeline  # DAG runs through Airflow with injected faults; make test-stack
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {**QUICK, "variants": ["float32", "dynamic"]}
 CONTRACT_METRICS = ("accuracy", "accuracy_delta_pts", "size_bytes", "gzip_size_bytes",

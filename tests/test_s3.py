@@ -26,6 +26,8 @@ from tests.servers import (MOTO_ACCESS_KEY_ID, MOTO_SECRET_ACCESS_KEY, free_port
                            moto_credentials_env, moto_s3, running_mlflow_server,  # noqa: F401
                            running_moto_s3)
 
+pytestmark = pytest.mark.pipeline  # moto_server and mlflow server processes, whole runs; make test-stack
+
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "pipeline-artifacts"
 EXPERIMENT = "s3-artifacts"

@@ -62,6 +62,7 @@ def test_trials_are_split_over_the_rounds():
     assert search.round_sizes(2) == [1, 1, 0]
 
 
+@pytest.mark.pipeline  # trains a model, then prune, cluster and QAT and a conversion; make test-stack
 def test_a_trial_runs_the_chain_with_its_settings_and_measures_it_on_validation(tmp_path):
     import tf_keras
 
@@ -161,6 +162,7 @@ def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
         f.path for f in client.list_artifacts(parent.info.run_id, "optimize")}
 
 
+@pytest.mark.pipeline  # a whole DAG run through Airflow with its search rounds; make test-stack
 def test_the_dag_runs_a_search_as_rounds_of_mapped_trials(airflow_db):
     from airflow.models import TaskInstance
     from airflow.utils.session import create_session

@@ -28,6 +28,8 @@ import pytest
 
 from tests.servers import running_mlflow_server
 
+pytestmark = pytest.mark.pipeline  # a whole DAG run against an MLflow server process; make test-stack
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "planted-secret-7Hq2",

@@ -141,6 +141,7 @@ def trained(request, tmp_path_factory):
     return data, str(path), accuracy
 
 
+@pytest.mark.pipeline  # trains each model 40 epochs, then every technique: minutes; make test-stack
 @pytest.mark.parametrize("technique", TECHNIQUES)
 def test_each_technique_lands_near_float32_or_reports_its_best(trained, technique, tmp_path):
     data, base_path, float_accuracy = trained
@@ -163,6 +164,7 @@ def _translated(model3, x_check=None):
     return translate(model3, x, tolerance=1e-4)[0]
 
 
+@pytest.mark.pipeline  # the 40-epoch models above; make test-stack
 def test_a_technique_that_breaks_the_model_backs_off_and_records_each_attempt(trained, tmp_path):
     """Two clusters per kernel break these models: the technique retries with more clusters,
     records both attempts and keeps the better one, saying whether it fit the budget."""

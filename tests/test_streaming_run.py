@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from benchmarks.scaling import make_photos
+
+pytestmark = pytest.mark.pipeline  # a whole CLI run, minutes on 2 cores; make test-stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
