@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The bench's sections in order (their numbers in results.md).
-SECTIONS = ("resnet", "cnn", "stages", "sparse", "int4", "throughput", "peer", "orchestration", "scaling")
+SECTIONS = ("resnet", "cnn", "stages", "sparse", "int4", "throughput", "peer", "orchestration", "scaling",
+            "search")
 # CPU features that decide which kernels run (int8 dot products, fp16, AMX tiles).
 KEY_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
                  "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",

@@ -13,6 +13,9 @@ one run: medians over interleaved rounds, ratios, the limits beside them, and th
 6. Evaluation throughput: the batched runner against one image per invoke.
 7. A peer runtime: the same Keras model through ONNX (tf2onnx) and ONNX Runtime, fp32 and int8.
 8. Orchestration overhead: the same small pipeline through the Airflow DAG and the command line.
+9. Cost against dataset and model size (benchmarks/scaling.py).
+10. The accuracy-aware search (auto-int4) against the fixed settings of the same chain, on the
+    default CNN and a MobileNetV2 (benchmarks/search.py).
 
 `--quick` (for tests/test_bench.py: the tables' shape, not their timings) uses a small stand-in
 for ResNet50, a reduced training budget and fewer variants, rounds and runs.
@@ -822,6 +825,13 @@ def section_scaling(bench: Bench) -> dict:
                            progress)
 
 
+# ------------------------------------------------------------------------------- search
+def section_search(bench: Bench) -> dict:
+    from benchmarks import search
+    return search.section(bench.cache / "scaling", bench.runs_dir, bench.env, bench.quick,
+                          progress)
+
+
 # ----------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
@@ -865,7 +875,7 @@ def main(argv=None) -> int:
                  "sparse": section_sparse, "int4": section_int4,
                  "throughput": section_throughput,
                  "peer": section_peer, "orchestration": section_orchestration,
-                 "scaling": section_scaling}
+                 "scaling": section_scaling, "search": section_search}
     for name in SECTIONS:
         if name not in wanted:
             continue

@@ -803,7 +803,7 @@ def select(ctx: RunContext | dict) -> dict[str, Any]:
         if result.get("child_run_id"):
             tracking.set_description(result["child_run_id"], verdict(result, selection))
     log.info("selection: %s", selection.reason)
-    write_json(run_dir / "select.json", selected)
+    write_json(run_dir / "select.json", {**selected, "results": results})
     return selected
 
 

@@ -57,7 +57,7 @@ def test_every_section_ran_with_its_tables(quick):
     ids = [t["id"] for s in results["sections"].values() for t in s["tables"]]
     assert ids == ["resnet-variants", "resnet-memory-options", "cnn-variants", "stages", "sparse",
                    "int4", "throughput", "peer", "orchestration", "scaling-data",
-                   "scaling-models", "scaling-epochs"]
+                   "scaling-models", "scaling-epochs", "search"]
     assert results["sections"]["resnet"]["stand_in"] is True
     assert "STAND-IN" in results["sections"]["resnet"]["title"]
 
@@ -204,3 +204,18 @@ def test_sparse_storage_is_measured_beside_dense(quick):
         assert sparse["size_bytes"] < dense["size_bytes"]
         assert sparse["runtime"] and dense["runtime"]
         assert abs(sparse["accuracy"] - dense["accuracy"]) < 0.01
+
+
+def test_search_section_sets_the_search_beside_the_fixed_settings_on_two_models(quick):
+    results, markdown = quick
+    rows = _table(results, "search")["rows"]
+    models = sorted({r["model"] for r in rows})
+    assert len(models) == 2 and any("MobileNetV2" in m for m in models), models
+    for model in models:
+        variants = {r["variant"]: r for r in rows if r["model"] == model}
+        assert set(variants) == {"prune+cluster+qat4-int4", "auto-int4"}
+        for row in variants.values():
+            assert row["status"] == "ok", row
+            assert 0 <= row["accuracy"] <= 1 and row["gzip_ratio"] > 1
+        assert "prune_sparsity" in variants["auto-int4"]["settings"], variants["auto-int4"]
+    assert "Accuracy-aware search against the fixed settings" in markdown
