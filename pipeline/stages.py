@@ -289,14 +289,19 @@ def optimize(ctx: RunContext | dict, recipe: str) -> dict[str, Any]:
     result["model_uri"] = artifacts.store(parent, result.pop("model_path"), folder)
     result["keras_predictions_uri"] = artifacts.store(
         parent, result.pop("keras_predictions_path"), folder)
-    artifacts.store_json(parent, result, record)
-    # The settings each technique used (chosen from the model and data) and every attempt at
-    # them, readable in the MLflow UI beside the run: `optimize/<recipe>.json`.
+    _publish_optimized(parent, recipe, result, started)
+    return result
+
+
+def _publish_optimized(parent: str, recipe: str, result: dict[str, Any], started: float) -> None:
+    """The recipe's record for the variants (`exchange/optimized/<recipe>.json`), the settings
+    each technique used and every attempt at them, readable in the MLflow UI beside the run
+    (`optimize/<recipe>.json`), and the recipe's time."""
+    artifacts.store_json(parent, result, _recipe_record(recipe))
     tracking.log_dict(parent, {key: result[key] for key in (
         "recipe", "settings", "attempts", "fits_budget", "base_val_accuracy",
         "budget_val_accuracy", "val_accuracy")}, f"optimize/{_safe(recipe)}.json")
     tracking.log_metrics(parent, {_stage_metric("optimize", recipe): time.perf_counter() - started})
-    return result
 
 
 # -------------------------------------------------------------------------------------- search
@@ -369,10 +374,10 @@ def search_trial(ctx: RunContext | dict, spec: dict[str, Any]) -> dict[str, Any]
             outcome = search.run_trial(parse_variant(spec["recipe"]).quantization,
                                        str(artifacts.fetch(run.technique_base_uri)), dataset,
                                        run.config, spec["params"], out_dir)
-        folder = f"{SEARCH_FOLDER}/{_safe(spec['recipe'])}/trial-{spec['trial']}"
         record.update({key: value for key, value in outcome.items()
                        if key not in ("model_path", "tflite_path")},
-                      model_uri=artifacts.store(parent, outcome["model_path"], folder))
+                      model_uri=artifacts.store(parent, outcome["model_path"],
+                                                _trial_record(spec).removesuffix(".json")))
         tracking.log_artifact(run_id, Path(outcome["tflite_path"]), "model")
         tracking.log_metrics(run_id, {key: float(outcome[key]) for key in (
             "val_accuracy", "base_val_accuracy", "budget_accuracy", "size_bytes",
@@ -451,13 +456,9 @@ def _finish_search(run: RunContext, recipe: str, out_dir: Path) -> dict[str, Any
                               "val_accuracy": record.get("val_accuracy"),
                               "gzip_size_bytes": record.get("gzip_size_bytes"),
                               "error": record.get("error")} for record in history]})
-    artifacts.store_json(parent, result, _recipe_record(recipe))
-    tracking.log_dict(parent, {key: result[key] for key in (
-        "recipe", "settings", "attempts", "fits_budget", "base_val_accuracy",
-        "budget_val_accuracy", "val_accuracy")}, f"optimize/{_safe(recipe)}.json")
+    _publish_optimized(parent, recipe, result, started)
     _log_picture(parent, f"{_safe(recipe)}.png", lambda path: search.plot_history(
         history, chosen, f"{recipe}: {len(history)} trials", path), "search")
-    tracking.log_metrics(parent, {_stage_metric("optimize", recipe): time.perf_counter() - started})
     progress.stage("search", f"{recipe}: chose trial {chosen['trial']} of {len(history)} "
                    f"({chosen['params']}): {final['val_accuracy']:.4f} validation accuracy, "
                    f"{final['gzip_size_bytes'] / 1024:.1f} KB gzipped")
