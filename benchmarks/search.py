@@ -125,7 +125,7 @@ def _results(work: Path) -> tuple[dict[str, dict], str]:
         name = result["variant"]
         results[name] = {**result, "passed": name in selected["selection"].get("passed", []),
                          "reasons": rejected.get(name)}
-    # The summary's search table: | trial | round | settings | accuracy | size | **chosen** |
+    # The summary's search table: | trial | round | settings | images | accuracy | ... | **chosen** |
     chosen = next((line.split("|")[3].strip()
                    for line in selected.get("summary_markdown", "").splitlines()
                    if line.endswith("**chosen** |")), "")

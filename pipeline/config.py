@@ -74,6 +74,9 @@ class PipelineConfig:
                                 minimum=1, maximum=100)
     prune_sparsity: float = setting(0.91, "Pruning target of the largest kernel (smaller kernels "
                                     "get less)", exclusiveMinimum=0, exclusiveMaximum=1)
+    prune_size_exponent: float = setting(0.25, "A kernel r times smaller than the largest is "
+                                         "pruned to prune_sparsity * r^-exponent (0 = the "
+                                         "same target for every kernel)", minimum=0, maximum=2)
     prune_block: int = setting(16, "Dense weights are pruned in runs of this many inputs (1 = one "
                                "by one)", minimum=1, maximum=64)
     prune_structured: bool = setting(False, "2:4 structured sparsity instead of unstructured")
@@ -101,11 +104,13 @@ class PipelineConfig:
                                      "more conservative (lower sparsity, more clusters, a wider "
                                      "student, longer recovery)", minimum=0, maximum=5)
     search_trials: int = setting(12, "Trials of each auto-* variant's search, in 3 "
-                                 "rounds (one Airflow task per trial)",
+                                 "rounds (one Airflow task per trial; the first round grows to "
+                                 "hold the fixed settings' anchors)",
                                  minimum=2, maximum=200)
     search_train_images: int = setting(10000, "Training images a search trial fine-tunes on (a "
                                        "sample; 0 = all): the chosen settings are then trained "
-                                       "once more on all of them", minimum=0)
+                                       "once more on all of them and kept if they fit",
+                                       minimum=0)
     # Measurement
     latency_runs: int = setting(200, "Timed invokes per latency measurement", minimum=1,
                                 maximum=100000)

@@ -1,6 +1,7 @@
 """The auto-* variants: an Optuna search of a technique chain's settings for the smallest model
 within the accuracy budget on the validation split, its trials MLflow child runs of their own."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,13 +34,15 @@ def test_auto_variants_name_the_chain_they_search():
 
 def test_the_first_trial_is_the_configured_settings_and_later_rounds_learn_from_the_history():
     first = search.suggest("int4", CONFIG, [], 3, 0)
-    assert first[0] == {"prune_sparsity": 0.91, "prune_block": 16, "cluster_count": 16,
-                        "epochs_factor": 1}
-    assert len({str(p) for p in first}) == 3
+    assert first[0] == {"params": {"prune_sparsity": 0.91, "prune_block": 16,
+                                   "cluster_count": 16, "epochs_factor": 1},
+                        "train_images": search.ALL_IMAGES}
+    assert len({str(p["params"]) for p in first}) == 3
     # A made-up model: accuracy falls off above 0.85 sparsity; the size shrinks with sparsity.
     history = []
     for number in range(3):
-        for params in search.suggest("int4", CONFIG, history, 3, number):
+        for trial in search.suggest("int4", CONFIG, history, 3, number):
+            params = trial["params"]
             accuracy = 0.93 - 2 * max(0.0, params["prune_sparsity"] - 0.85)
             history.append({"params": params, "round": number, "trial": len(history),
                             "val_accuracy": accuracy, "budget_accuracy": 0.92,
@@ -49,11 +52,70 @@ def test_the_first_trial_is_the_configured_settings_and_later_rounds_learn_from_
     chosen = search.best(history)
     fitting = [r for r in history if r.get("fits_budget")]
     assert chosen["gzip_size_bytes"] == min(r["gzip_size_bytes"] for r in fitting)
-    assert chosen["fits_budget"] and chosen["params"]["prune_sparsity"] <= 0.855
+    assert chosen["fits"] and chosen["params"]["prune_sparsity"] <= 0.855
+    # TPE learned: the later rounds' trials are mostly within the budget.
+    assert sum(r.get("fits_budget", False) for r in history[3:]) >= 3
     # Nothing within the budget: the most accurate trial, marked as not fitting.
-    outside = [{**r, "fits_budget": False} for r in history if not r.get("error")]
+    outside = [{**r, "budget_accuracy": 0.99} for r in history if not r.get("error")]
     assert search.best(outside)["val_accuracy"] == max(r["val_accuracy"] for r in outside)
+    assert not search.best(outside)["fits"]
     assert search.best([{"error": "boom"}]) is None
+
+
+def _record(trial, sparsity, accuracy, *, sampled, size=None):
+    return {"trial": trial, "round": 0, "params": {"prune_sparsity": sparsity},
+            "sampled": sampled, "val_accuracy": accuracy, "budget_accuracy": 0.92,
+            "fits_budget": accuracy >= 0.92,
+            "gzip_size_bytes": size or int(100_000 * (1 - sparsity))}
+
+
+def test_sampled_trials_are_judged_by_the_anchors_gap_and_verified_on_all_the_images():
+    # The anchors: the fixed settings (0.9) reach 0.925 on all the images, 0.905 on the sample.
+    anchors = [_record(0, 0.9, 0.925, sampled=False), _record(1, 0.9, 0.905, sampled=True)]
+    assert search.fidelity_gap(anchors) == pytest.approx(0.02)
+    history = anchors + [_record(2, 0.95, 0.903, sampled=True),   # estimated 0.923: fits
+                         _record(3, 0.97, 0.890, sampled=True),   # estimated 0.910: does not
+                         _record(4, 0.6, 0.93, sampled=True)]     # fits, larger
+    estimates = {r["trial"]: r for r in search.estimated(history)}
+    assert estimates[2]["fits"] and not estimates[3]["fits"] and estimates[4]["fits"]
+    assert estimates[2]["estimated_val_accuracy"] == pytest.approx(0.923)
+    assert search.best(history)["trial"] == 2
+    trained = []
+
+    def retrain(fits: dict[int, float]):
+        def run(trial):
+            trained.append(trial["trial"])
+            return {**trial, "sampled": False, "val_accuracy": fits[trial["trial"]],
+                    "fits_budget": fits[trial["trial"]] >= 0.92}
+        return run
+
+    # The smallest estimated fit holds on all the images: it is chosen, trained once.
+    chosen, final = search.choose(history, retrain({2: 0.921}))
+    assert (chosen["trial"], final["val_accuracy"], trained) == (2, 0.921, [2])
+    # It does not hold: the next smallest estimated fit is the full-fidelity anchor (0.9 is
+    # smaller than 0.6), which is its own result; no further retraining.
+    trained.clear()
+    chosen, final = search.choose(history, retrain({2: 0.915}))
+    assert (chosen["trial"], final is chosen, trained) == (0, True, [2])
+    # Without a fitting anchor: up to VERIFICATIONS sampled trials are retrained, then the most
+    # accurate model trained on all the images is shipped, marked as not fitting.
+    trained.clear()
+    low = [{**anchors[0], "val_accuracy": 0.915, "fits_budget": False},
+           {**anchors[1], "val_accuracy": 0.895}] + history[2:]
+    chosen, final = search.choose(low, retrain({2: 0.915, 4: 0.918}))
+    assert trained == [2, 4] and chosen["trial"] == 4 and not final["fits_budget"]
+    with pytest.raises(ValueError, match="every trial"):
+        search.choose([{"trial": 0, "error": "boom"}], retrain({}))
+
+
+def test_a_sampled_search_starts_with_both_anchors():
+    config = SimpleNamespace(**vars(CONFIG), search_train_images=600)
+    first = search.suggest("int4", config, [], 1, 0, sampled=True)
+    assert [t["train_images"] for t in first] == [search.ALL_IMAGES, 600]
+    assert first[0]["params"] == first[1]["params"] == search.configured_trial("int4", config)
+    later = search.suggest("int4", config, [], 4, 0, sampled=True)
+    assert [t["train_images"] for t in later] == [search.ALL_IMAGES, 600, 600, 600]
+    assert later[2]["params"] != later[0]["params"]
 
 
 def test_trials_are_split_over_the_rounds():
@@ -123,32 +185,38 @@ def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stderr
     assert "[search] auto-int4 trial 0 (round 1): {'prune_sparsity': 0.91" in log, log[-3000:]
-    assert "[search] auto-int4 trial 2 (round 3)" in log
-    assert "[search] auto-int4: chose trial " in log
-    # Trials fine-tune on a sample of 60 images; the chosen settings then on all of them.
-    assert "settings on all 108 training images" in log
+    # Round 1 holds the two anchors (the fixed settings on all 108 images and on the sample of
+    # 60), so 3 trials become 4.
+    assert "auto-int4 trial 0: " in log and "fine-tuned on all the images" in log
+    assert "auto-int4 trial 1 (round 1): {'prune_sparsity': 0.91" in log
+    assert "fine-tuned on a sample of 60 images" in log
+    assert "[search] auto-int4 trial 3 (round 3)" in log
+    chosen_trial = int(re.search(r"\[search\] auto-int4: chose trial (\d+) ", log).group(1))
+    # A trial chosen from the sample is trained again on all the images before it ships.
+    if chosen_trial != 0:
+        assert "settings on all 108 training images" in log
 
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name("search-run")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.run_role = 'parent'")
     trials = client.search_runs([experiment.experiment_id], "tags.run_role = 'search_trial'")
     assert sorted(run.data.tags["search_trial"] for run in trials) == [
-        f"auto-int4 trial {n}" for n in range(3)]
+        f"auto-int4 trial {n}" for n in range(4)]
+    assert sorted(run.data.tags["sampled"] for run in trials) == ["false", "true", "true", "true"]
     for run in trials:
         assert run.info.status == "FINISHED" and run.data.tags["search"] == "auto-int4"
         assert {"prune_sparsity", "prune_block", "cluster_count"} <= set(run.data.params)
         assert {"val_accuracy", "gzip_size_bytes", "budget_accuracy"} <= set(run.data.metrics)
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    # The variant ships the smallest trial within the budget (else the most accurate one).
-    records = [{"params": r.data.params, "val_accuracy": r.data.metrics["val_accuracy"],
-                "gzip_size_bytes": r.data.metrics["gzip_size_bytes"],
-                "fits_budget": r.data.tags["fits_budget"] == "true"} for r in trials]
-    chosen = search.best(records)
+    # The variant ships the chosen trial's settings.
+    (chosen,) = [r for r in trials if r.data.tags["search_trial"] == f"auto-int4 trial {chosen_trial}"]
     (variant,) = client.search_runs([experiment.experiment_id], "tags.variant = 'auto-int4'")
     assert variant.data.tags["status"] == "ok"
+    assert variant.data.params["technique.search.trial"] == str(chosen_trial)
     assert (float(variant.data.params["technique.search.prune_sparsity"])
-            == pytest.approx(float(chosen["params"]["prune_sparsity"])))
-    assert variant.data.params["technique.search.trial_train_images"] == "60"
+            == pytest.approx(float(chosen.data.params["prune_sparsity"])))
+    assert variant.data.params["technique.search.trial_train_images"] == str(
+        int(chosen.data.metrics["train_images"]))
     # The trials are not variants: the summary has the two requested ones; the report shows the
     # search's trials and its choice.
     assert "**Variants:** 2 (" in parent.data.tags.get("mlflow.note.content", "")
@@ -178,9 +246,12 @@ def test_the_dag_runs_a_search_as_rounds_of_mapped_trials(airflow_db):
     with create_session() as session:
         instances = session.query(TaskInstance).filter(TaskInstance.run_id == run.run_id).all()
     states = {(ti.task_id, ti.rendered_map_index): str(ti.state) for ti in instances}
-    # Two trials in rounds of 1, 1, 0: the third round has nothing to ask and is skipped.
+    # Two trials in rounds of 1, 1, 0; the first round grows to hold both anchors (the fixed
+    # settings on all the images and on the sample of 600); the third round has nothing to ask
+    # and is skipped.
     assert states[("search_trial_1", "auto-dynamic trial 0")].endswith("success"), states
-    assert states[("search_trial_2", "auto-dynamic trial 1")].endswith("success"), states
+    assert states[("search_trial_1", "auto-dynamic trial 1")].endswith("success"), states
+    assert states[("search_trial_2", "auto-dynamic trial 2")].endswith("success"), states
     assert states[("search_ask_3", None)].endswith("skipped"), states
     assert states[("optimize", "auto-dynamic")].endswith("success"), states
     client = MlflowClient()
@@ -188,7 +259,7 @@ def test_the_dag_runs_a_search_as_rounds_of_mapped_trials(airflow_db):
     trials = client.search_runs([parent.info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
                                 "tags.run_role = 'search_trial'")
-    assert len(trials) == 2
+    assert len(trials) == 3
     (variant,) = client.search_runs([parent.info.experiment_id],
                                     f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
                                     "tags.variant = 'auto-dynamic'")

@@ -79,7 +79,9 @@ def settings(model, dataset, config) -> dict:
     size (config fields) and, for the record, each pruned layer's sparsity and block."""
     plan = sizing.fine_tuning(NAME, config.prune_epochs, config.batch_size,
                               training_image_count(dataset), to_data=config.size_to_data)
-    return {"prune_sparsity": config.prune_sparsity, "prune_epochs": plan.epochs,
+    return {"prune_sparsity": config.prune_sparsity,
+            "prune_size_exponent": getattr(config, "prune_size_exponent", SIZE_EXPONENT),
+            "prune_epochs": plan.epochs,
             "batch_size": plan.batch_size,
             "prune_layers": layer_plan(fuse_layers(model), config)}
 
@@ -126,7 +128,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
 def layer_plan(model, config) -> dict[str, dict]:
     """{layer name: {"weights", "sparsity", "block"}} of each layer `apply` prunes (see the module
     docstring): the largest kernel's target is `config.prune_sparsity`, a kernel r times smaller
-    gets `prune_sparsity * r ** -SIZE_EXPONENT`, capped so each output unit keeps
+    gets `prune_sparsity * r ** -config.prune_size_exponent` (SIZE_EXPONENT), capped so each output unit keeps
     MIN_KEPT_PER_OUTPUT weights on average; a layer whose cap leaves under MIN_LAYER_SPARSITY is
     not pruned."""
     candidates = _candidate_shapes(model, structured=config.prune_structured)
@@ -138,7 +140,8 @@ def layer_plan(model, config) -> dict[str, dict]:
     plan = {}
     for name, shape in shapes.items():
         size = _size(shape)
-        sparsity = config.prune_sparsity * (size / largest) ** SIZE_EXPONENT
+        sparsity = config.prune_sparsity * (size / largest) ** getattr(
+            config, "prune_size_exponent", SIZE_EXPONENT)
         sparsity = round(min(sparsity, 1 - MIN_KEPT_PER_OUTPUT * shape[-1] / size), 4)
         if sparsity >= MIN_LAYER_SPARSITY:
             plan[name] = {"weights": size, "sparsity": sparsity,

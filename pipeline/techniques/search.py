@@ -10,9 +10,16 @@ trials' records (so no study database has to be shared between workers) and asks
 trials; `run_trial` runs one of them. In the DAG every trial is a mapped task on the `training`
 queue, so Celery workers share a search; `python -m pipeline run` runs the same rounds in turn.
 Trials fine-tune on a sample of the training images (`search_train_images`: a cheaper
-estimate, as multi-fidelity searches do); the chosen settings are trained once more on all of
-them. The first trial is always the configured (fixed) settings, so the search can only improve
-on them, and the constraint (budget - accuracy <= 0, Optuna's trial constraints) steers TPE to feasible settings.
+estimate, as multi-fidelity searches do). A sample is biased: fine-tuned on fewer images, the
+same settings land lower than on all of them, and judged against the full budget the sample
+would reject settings that fit. So the first round holds two anchors, the configured (fixed)
+settings fine-tuned on all the images and on the sample; the difference of their validation
+accuracies (the fidelity gap) is added to every sampled trial's accuracy to estimate what it
+would reach on all the images. TPE's constraint (budget - estimated accuracy <= 0, Optuna's
+trial constraints) and the choice use that estimate. `choose` then trains the smallest
+estimated fit on all the images and keeps it only when that verified model fits (up to
+VERIFICATIONS tries, smallest first); else the full-fidelity anchor, when it fits. The search
+can therefore never ship anything worse than the fixed settings trained as usual.
 
 A search also shares the per-technique back-off's rules (`backoff.configured`): a trial's
 settings are config fields, and each technique sizes its fine-tuning to the data as usual.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.techniques.backoff import configured
@@ -30,6 +38,8 @@ SPARSITY_RANGE = (0.5, 0.97)
 PRUNE_BLOCKS = (1, 4, 16)
 CLUSTER_COUNTS = (8, 16, 32)
 EPOCH_FACTORS = (1, 2)
+ALL_IMAGES = 0  # a trial's train_images: fine-tune on every training image (full fidelity)
+VERIFICATIONS = 2  # sampled trials trained again on all the images before falling back
 
 
 def space(mode: str) -> dict[str, Any]:
@@ -68,19 +78,23 @@ def round_sizes(trials: int) -> list[int]:
 
 
 def suggest(mode: str, config, history: list[dict[str, Any]], count: int,
-            round_number: int) -> list[dict[str, Any]]:
-    """The settings of the next `count` trials, given the finished ones (`run_trial`'s records;
-    a record with an `error` counts as a failed trial)."""
+            round_number: int, *, sampled: bool = False) -> list[dict[str, Any]]:
+    """The next `count` trials, [{params, train_images}], given the finished ones (`run_trial`'s
+    records; a record with an `error` counts as a failed trial). `sampled`: the dataset has more
+    training images than `search_train_images`, so trials fine-tune on that sample (train_images)
+    and the first round holds the two anchors (the configured settings on all the images and on
+    the sample; the round grows to hold them)."""
     import optuna
     from optuna.trial import TrialState, create_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     distributions = space(mode)
+    sample = int(config.search_train_images) if sampled else ALL_IMAGES
     sampler = optuna.samplers.TPESampler(
         seed=config.seed + round_number, n_startup_trials=max(2, config.search_trials // 3),
         multivariate=True, constant_liar=True)
     study = optuna.create_study(direction="minimize", sampler=sampler)
-    for record in history:
+    for record in estimated(history):
         params = {name: record["params"][name] for name in distributions
                   if name in record.get("params", {})}
         if len(params) != len(distributions):
@@ -91,10 +105,45 @@ def suggest(mode: str, config, history: list[dict[str, Any]], count: int,
         else:
             study.add_trial(create_trial(
                 value=float(record["gzip_size_bytes"]), params=params, distributions=distributions,
-                constraints={"accuracy": record["budget_accuracy"] - record["val_accuracy"]}))
+                constraints={"accuracy": record["budget_accuracy"]
+                             - record["estimated_val_accuracy"]}))
+    trials: list[dict[str, Any]] = []
     if not history:
-        study.enqueue_trial(configured_trial(mode, config))
-    return [study.ask(distributions).params for _ in range(count)]
+        anchor = configured_trial(mode, config)
+        trials.append({"params": anchor, "train_images": ALL_IMAGES})
+        if sampled:
+            trials.append({"params": anchor, "train_images": sample})
+        study.enqueue_trial(anchor)
+        study.ask(distributions)  # the anchor's place in the study, so TPE's next asks differ
+    trials += [{"params": study.ask(distributions).params, "train_images": sample}
+               for _ in range(count - len(trials))]
+    return trials
+
+
+def fidelity_gap(history: list[dict[str, Any]]) -> float:
+    """How much more validation accuracy the same settings reach fine-tuned on all the images
+    than on the sample: the anchors' difference (0 without both anchors)."""
+    finished = [record for record in history if not record.get("error")]
+    for full in (record for record in finished if not record.get("sampled")):
+        for part in (record for record in finished if record.get("sampled")):
+            if part["params"] == full["params"]:
+                return float(full["val_accuracy"] - part["val_accuracy"])
+    return 0.0
+
+
+def estimated(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records with `estimated_val_accuracy` (a sampled trial's accuracy plus the fidelity
+    gap; a full-fidelity trial's own) and `fits` (that estimate within the budget)."""
+    gap = fidelity_gap(history)
+    out = []
+    for record in history:
+        if record.get("error"):
+            out.append(record)
+            continue
+        guess = record["val_accuracy"] + (gap if record.get("sampled") else 0.0)
+        out.append({**record, "estimated_val_accuracy": float(guess),
+                    "fits": bool(guess >= record["budget_accuracy"])})
+    return out
 
 
 def trial_config(config, params: dict[str, Any]):
@@ -109,11 +158,12 @@ def trial_config(config, params: dict[str, Any]):
 def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str, Any],
               out_dir: Path, *, train_images: int | None = None) -> dict[str, Any]:
     """Apply `mode`'s chain with the trial's settings to a fresh copy of the base model, convert
-    it to `mode` and measure it: {params, train_images, val_accuracy, base_val_accuracy,
-    budget_accuracy, fits_budget, size_bytes, gzip_size_bytes, seconds, model_path,
-    tflite_path}. `train_images` (default `config.search_train_images`; 0 = all): the
-    fine-tuning sees a sample of that many training images, a cheaper estimate of the whole
-    (multi-fidelity search); validation is always the whole split."""
+    it to `mode` and measure it: {params, train_images, sampled, val_accuracy,
+    base_val_accuracy, budget_accuracy, fits_budget, size_bytes, gzip_size_bytes, seconds,
+    model_path, tflite_path}. `train_images` (default `config.search_train_images`; ALL_IMAGES
+    = 0 = all): the fine-tuning sees a sample of that many training images, a cheaper estimate
+    of the whole (multi-fidelity search); validation is always the whole split. fits_budget is
+    this model's own accuracy against the budget (`estimated` corrects a sampled one)."""
     from pipeline.runtime.benchmark import gzip_size
     from pipeline.runtime.evaluate import evaluate_tflite
     from pipeline.sources.models import load_model
@@ -125,6 +175,7 @@ def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     trial = trial_config(config, params)
+    all_images = dataset.train_count
     dataset = dataset.sample_train(
         config.search_train_images if train_images is None else train_images, config.seed)
     model = load_model(base_model_path, allow_unsafe=config.allow_unsafe_model)
@@ -139,6 +190,7 @@ def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str
     accuracy = evaluate_tflite(str(tflite), dataset.batches("val"), dataset.class_names).accuracy
     budget = base_accuracy - config.max_accuracy_drop_pts / 100.0
     return {"params": params, "train_images": dataset.train_count,
+            "sampled": dataset.train_count < all_images,
             "val_accuracy": float(accuracy),
             "base_val_accuracy": float(base_accuracy), "budget_accuracy": float(budget),
             "fits_budget": bool(accuracy >= budget), "size_bytes": tflite.stat().st_size,
@@ -162,42 +214,78 @@ def convert_to(mode: str, model, out: Path, dataset, config) -> Path:
 
 
 def best(history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The smallest trial within the budget; when none is, the most accurate (fits_budget False
-    tells); None when every trial failed."""
-    finished = [record for record in history if not record.get("error")]
+    """The smallest trial whose estimated accuracy is within the budget; when none is, the most
+    accurate (estimated; its `fits` False tells); None when every trial failed."""
+    ranked = _ranked(history)
+    if ranked:
+        return ranked[0]
+    finished = [record for record in estimated(history) if not record.get("error")]
     if not finished:
         return None
-    fitting = [record for record in finished if record["fits_budget"]]
-    if fitting:
-        return min(fitting, key=lambda record: (record["gzip_size_bytes"], -record["val_accuracy"]))
-    return max(finished, key=lambda record: (record["val_accuracy"], -record["gzip_size_bytes"]))
+    return max(finished, key=lambda r: (r["estimated_val_accuracy"], -r["gzip_size_bytes"]))
+
+
+def _ranked(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials estimated within the budget, smallest first."""
+    return sorted((r for r in estimated(history) if not r.get("error") and r["fits"]),
+                  key=lambda r: (r["gzip_size_bytes"], -r["estimated_val_accuracy"],
+                                 bool(r.get("sampled"))))
+
+
+def choose(history: list[dict[str, Any]], retrain: Callable[[dict[str, Any]], dict[str, Any]]
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(chosen trial, its full-fidelity result). A full-fidelity trial within the budget is its
+    own result; a sampled one is retrained on all the images by `retrain(trial)` (a `run_trial`
+    record) and kept only when that model fits. Up to VERIFICATIONS sampled trials are tried,
+    smallest first; then the smallest full-fidelity trial within the budget; else the most
+    accurate trial (full fidelity when retrained), its result's fits_budget False. ValueError
+    when every trial failed."""
+    retrained: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (trial, its full result)
+    for record in _ranked(history):
+        if not record.get("sampled"):
+            return record, record
+        if len(retrained) < VERIFICATIONS:
+            final = retrain(record)
+            if final["fits_budget"]:
+                return record, final
+            retrained.append((record, final))
+    finished = [record for record in estimated(history) if not record.get("error")]
+    if not finished:
+        raise ValueError("every trial of the search failed")
+    trained = [(r, r) for r in finished if not r.get("sampled")] + retrained
+    if trained:  # the most accurate model actually trained on all the images
+        return max(trained, key=lambda pair: (pair[1]["val_accuracy"],
+                                              -pair[1]["gzip_size_bytes"]))
+    fallback = max(finished, key=lambda r: (r["estimated_val_accuracy"], -r["gzip_size_bytes"]))
+    return fallback, retrain(fallback)
 
 
 def plot_history(history: list[dict[str, Any]], chosen: dict[str, Any] | None, title: str,
                  path: Path) -> Path:
-    """Gzip size against validation accuracy, one point per trial coloured by round, the budget
-    line and the chosen trial ringed."""
+    """Gzip size against validation accuracy (a sampled trial's estimated for all the images),
+    one point per trial coloured by round, the budget line and the chosen trial ringed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finished = [record for record in history if not record.get("error")]
+    finished = [record for record in estimated(history) if not record.get("error")]
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     colours = plt.get_cmap("viridis")
     for number in range(ROUNDS):
         points = [record for record in finished if record.get("round") == number]
         if points:
             axes.scatter([p["gzip_size_bytes"] / 1024 for p in points],
-                         [p["val_accuracy"] for p in points],
+                         [p["estimated_val_accuracy"] for p in points],
                          color=colours(number / max(1, ROUNDS - 1)), label=f"round {number + 1}")
     if finished:
         axes.axhline(finished[0]["budget_accuracy"], color="grey", linestyle="--",
                      label="budget (validation)")
     if chosen is not None:
-        axes.scatter([chosen["gzip_size_bytes"] / 1024], [chosen["val_accuracy"]], s=160,
+        axes.scatter([chosen["gzip_size_bytes"] / 1024],
+                     [chosen.get("estimated_val_accuracy", chosen["val_accuracy"])], s=160,
                      facecolors="none", edgecolors="red", label="chosen")
     axes.set_xlabel("gzip size (KB)")
-    axes.set_ylabel("validation accuracy")
+    axes.set_ylabel("validation accuracy (sampled trials: estimated for all images)")
     axes.set_title(title)
     axes.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
