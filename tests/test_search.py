@@ -17,7 +17,8 @@ from pipeline.variants import all_variant_names, parse_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = SimpleNamespace(seed=42, search_trials=9, prune_sparsity=0.91, prune_block=16,
-                         cluster_count=16, prune_epochs=8, finetune_epochs=2)
+                         prune_size_exponent=0.25, cluster_count=16, prune_epochs=8,
+                         finetune_epochs=2)
 
 
 def test_auto_variants_name_the_chain_they_search():
@@ -35,7 +36,8 @@ def test_auto_variants_name_the_chain_they_search():
 def test_the_first_trial_is_the_configured_settings_and_later_rounds_learn_from_the_history():
     first = search.suggest("int4", CONFIG, [], 3, 0)
     assert first[0] == {"params": {"prune_sparsity": 0.91, "prune_block": 16,
-                                   "cluster_count": 16, "epochs_factor": 1},
+                                   "prune_size_exponent": 0.25, "cluster_count": 16,
+                                   "epochs_factor": 1},
                         "train_images": search.ALL_IMAGES}
     assert len({str(p["params"]) for p in first}) == 3
     # A made-up model: accuracy falls off above 0.85 sparsity; the size shrinks with sparsity.

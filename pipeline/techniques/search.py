@@ -36,6 +36,10 @@ from pipeline.variants import SEARCH_CHAINS
 from pipeline.variants import SEARCH_ROUNDS as ROUNDS
 SPARSITY_RANGE = (0.5, 0.97)
 PRUNE_BLOCKS = (1, 4, 16)
+# How a kernel's pruning target falls with its size (pruning.layer_plan): 0.25 suits a model whose
+# weights sit in one large layer (the default CNN's Dense head), 0 (every kernel the same target)
+# one whose weights are spread over many convolutions (MobileNetV2: at 0.8, 7.0x gzip at -0.5 pts).
+SIZE_EXPONENTS = (0.0, 0.25)
 CLUSTER_COUNTS = (8, 16, 32)
 EPOCH_FACTORS = (1, 2)
 ALL_IMAGES = 0  # a trial's train_images: fine-tune on every training image (full fidelity)
@@ -50,6 +54,7 @@ def space(mode: str) -> dict[str, Any]:
     if "prune" in chain:
         distributions["prune_sparsity"] = FloatDistribution(*SPARSITY_RANGE)
         distributions["prune_block"] = CategoricalDistribution(PRUNE_BLOCKS)
+        distributions["prune_size_exponent"] = CategoricalDistribution(SIZE_EXPONENTS)
     if "cluster" in chain:
         distributions["cluster_count"] = CategoricalDistribution(CLUSTER_COUNTS)
     distributions["epochs_factor"] = CategoricalDistribution(EPOCH_FACTORS)
@@ -64,6 +69,8 @@ def configured_trial(mode: str, config) -> dict[str, Any]:
         low, high = SPARSITY_RANGE
         first["prune_sparsity"] = min(high, max(low, config.prune_sparsity))
         first["prune_block"] = min(PRUNE_BLOCKS, key=lambda block: abs(block - config.prune_block))
+        exponent = getattr(config, "prune_size_exponent", SIZE_EXPONENTS[-1])
+        first["prune_size_exponent"] = min(SIZE_EXPONENTS, key=lambda e: abs(e - exponent))
     if "cluster" in chain:
         first["cluster_count"] = min(CLUSTER_COUNTS,
                                      key=lambda count: abs(count - config.cluster_count))
