@@ -44,7 +44,7 @@ FORM_SECTIONS = {
                        "validation_fraction", "pixel_range", "calibration_samples", "seed"],
     "Baseline training": ["epochs", "batch_size", "learning_rate", "augment"],
     "Compression techniques": ["finetune_epochs", "prune_epochs", "prune_sparsity",
-                               "prune_size_exponent", "prune_block",
+                               "prune_size_exponent", "prune_block", "prune_block_pointwise",
                                "prune_structured", "sparse_storage", "cluster_count",
                                "distill_epochs", "distill_temperature", "distill_alpha",
                                "student_width", "technique_retries", "search_trials",

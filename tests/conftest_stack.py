@@ -307,8 +307,13 @@ def stack(running_stack) -> Stack:
 
 
 def chromium() -> str:
-    """/usr/bin/chromium; the browser tests are skipped without it."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: `make chromium` installs it (Debian package chromium; "
-                    "make test and make test-stack do it first)")
-    return CHROMIUM
+    """/usr/bin/chromium, else Playwright's own Chromium when installed (Ubuntu has no Chromium
+    package, only a snap); the browser tests are skipped without either."""
+    if Path(CHROMIUM).exists():
+        return CHROMIUM
+    managed = sorted(Path.home().glob(".cache/ms-playwright/chromium-*/chrome-linux*/chrome"))
+    if managed:
+        return str(managed[-1])
+    pytest.skip(f"{CHROMIUM} is missing: `make chromium` installs it (Debian package chromium; "
+                "make test and make test-stack do it first); on Ubuntu, install Playwright's "
+                "own: .venv/bin/python -m playwright install chromium")

@@ -467,8 +467,9 @@ def test_qat_and_qat4_are_not_combined():
 
 
 def test_pointwise_convolutions_are_pruned_in_runs_along_their_inputs(tmp_path):
-    """A 1x1 Conv2D kernel is stored like a Dense kernel ([out, 1, 1, in]): pruning zeroes it in
-    runs of inputs (gzip stores a run in a few bits); larger windows stay weight by weight."""
+    """A 1x1 Conv2D kernel is stored like a Dense kernel ([out, 1, 1, in]): with
+    prune_block_pointwise, pruning zeroes it in runs of inputs (gzip stores a run in a few bits);
+    larger windows stay weight by weight."""
     from tests.small_models import shape_images
     keras = tf_keras()
     data = load_dataset(str(shape_images(tmp_path / "shapes.npz", classes=3, train=120, test=30,
@@ -478,8 +479,10 @@ def test_pointwise_convolutions_are_pruned_in_runs_along_their_inputs(tmp_path):
     x = keras.layers.Conv2D(64, 1, activation="relu", name="pointwise")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    default = PipelineConfig(prune_sparsity=0.8, prune_size_exponent=0.0)
+    assert pruning.layer_plan(model, default)["pointwise"]["block"] == 1  # off by default
     config = PipelineConfig(prune_sparsity=0.8, prune_size_exponent=0.0, prune_epochs=1,
-                            size_to_data=False, batch_size=32)
+                            size_to_data=False, batch_size=32, prune_block_pointwise=True)
     plan = pruning.layer_plan(model, config)
     assert plan["pointwise"]["block"] == 16 and plan["window"]["block"] == 1
     pruned = pruning.apply(model, data, config)
