@@ -166,13 +166,19 @@ def _translated(model3, x_check=None):
 
 @pytest.mark.pipeline  # the 40-epoch models above; make test-stack
 def test_a_technique_that_breaks_the_model_backs_off_and_records_each_attempt(trained, tmp_path):
-    """Two clusters per kernel break these models: the technique retries with more clusters,
-    records both attempts and keeps the better one, saying whether it fit the budget."""
+    """Two clusters per kernel break these models (the 10-class one always): the technique
+    retries with more clusters, records both attempts and keeps the better one, saying whether
+    it fit the budget."""
     data, base_path, _ = trained
     config = PipelineConfig(seed=3, cluster_count=2, technique_retries=1)
     result = apply_recipe("cluster", base_path, data, config, tmp_path)
     attempts = result["attempts"]["cluster"]
-    assert attempts[0]["val_accuracy"] < result["budget_val_accuracy"]
+    if attempts[0]["val_accuracy"] >= result["budget_val_accuracy"]:
+        # The 3-class model survived two clusters on Python 3.12 (1.0 on its 54 validation
+        # images): then there is nothing to back off from, and exactly one attempt is kept.
+        assert len(attempts) == 1 and result["fits_budget"], attempts
+        assert result["settings"]["cluster"] == attempts[0]["settings"]
+        return
     assert [attempt["settings"]["cluster_count"] for attempt in attempts] == [2, 4]
     assert attempts[1]["settings"]["finetune_epochs"] > attempts[0]["settings"]["finetune_epochs"]
     best = max(attempts, key=lambda attempt: attempt["val_accuracy"])
