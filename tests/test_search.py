@@ -91,6 +91,10 @@ def test_sampled_trials_are_judged_by_the_anchors_gap_and_verified_on_all_the_im
                     "fits_budget": fits[trial["trial"]] >= 0.92}
         return run
 
+    # The sample's anchor is never a candidate of its own (its settings were trained on all
+    # the images), even when its file came out a few bytes smaller.
+    twin = [anchors[0], {**anchors[1], "gzip_size_bytes": anchors[0]["gzip_size_bytes"] - 700}]
+    assert search.choose(twin, lambda trial: pytest.fail("retrained"))[0]["trial"] == 0
     # The smallest estimated fit holds on all the images: it is chosen, trained once.
     chosen, final = search.choose(history, retrain({2: 0.921}))
     assert (chosen["trial"], final["val_accuracy"], trained) == (2, 0.921, [2])

@@ -233,8 +233,12 @@ def best(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _ranked(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The trials estimated within the budget, smallest first."""
-    return sorted((r for r in estimated(history) if not r.get("error") and r["fits"]),
+    """The trials estimated within the budget, smallest first; a sampled trial whose settings
+    were also trained on all the images (the sample's anchor) is left to that trial."""
+    records = [r for r in estimated(history) if not r.get("error")]
+    full = [r["params"] for r in records if not r.get("sampled")]
+    return sorted((r for r in records
+                   if r["fits"] and not (r.get("sampled") and r["params"] in full)),
                   key=lambda r: (r["gzip_size_bytes"], -r["estimated_val_accuracy"],
                                  bool(r.get("sampled"))))
 
