@@ -4,8 +4,8 @@ kernels while fine-tuning, then strip the wrappers.
 Unstructured: each layer's sparsity rises from 0 to its target along a PolynomialDecay schedule
 over the first RAMP_SHARE of the fine-tuning steps; the remaining steps recover accuracy at the
 target. The largest kernel's target is `config.prune_sparsity`; a kernel r times smaller gets
-`prune_sparsity * r ** -SIZE_EXPONENT` (a conv layer 20x smaller than the dense head: about half
-the target). Small kernels hold few of the weights but much of the accuracy, so pruning them as
+`prune_sparsity * r ** -prune_size_exponent` (default 0.25: a conv layer 20x smaller than the
+dense head gets about half the target; 0: every kernel the same target). Small kernels hold few of the weights but much of the accuracy, so pruning them as
 hard buys little size and costs the most accuracy (TF-MOT's guide: prune the large layers).
 Sized to the layer (`layer_plan`): no layer keeps fewer than MIN_KEPT_PER_OUTPUT weights per
 output unit on average (a 64x16 Dense kernel at 0.91 in runs of 8 had 8 of its 16 units cut off
@@ -46,7 +46,7 @@ prune+cluster+qat). Pruning works on
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from pipeline.errors import TechniqueError
 from pipeline.sources.models import tf_keras
@@ -61,7 +61,6 @@ SKIP_FIRST_LAYER_BELOW = 0.01
 RAMP_SHARE = 0.7
 MASK_UPDATES = 20           # how many times the mask is recomputed while sparsity rises
 STRUCTURED_M_BY_N = (2, 4)
-SIZE_EXPONENT = 0.25
 MIN_PRUNED_WEIGHTS = 1024
 MIN_KEPT_PER_OUTPUT = 16
 MIN_BLOCKS_PER_UNIT = 8
@@ -82,7 +81,7 @@ def settings(model, dataset, config) -> dict:
     plan = sizing.fine_tuning(NAME, config.prune_epochs, config.batch_size,
                               training_image_count(dataset), to_data=config.size_to_data)
     return {"prune_sparsity": config.prune_sparsity,
-            "prune_size_exponent": getattr(config, "prune_size_exponent", SIZE_EXPONENT),
+            "prune_size_exponent": config.prune_size_exponent,
             "prune_epochs": plan.epochs,
             "batch_size": plan.batch_size,
             "prune_layers": layer_plan(fuse_layers(model), config)}
@@ -120,7 +119,7 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
             params["block_size"] = (plan[layer.name]["block"], 1)  # [in, out]: along the inputs
         return sparsity.prune_low_magnitude(layer, **params)
 
-    with _pointwise_blocks():
+    with _pointwise_blocks() if config.prune_block_pointwise else nullcontext():
         pruned = wrap_and_finetune(
             model, set(plan), wrap, NAME, dataset, config,
             learning_rate=config.learning_rate * LEARNING_RATE_SCALE, epochs=epochs,
@@ -162,8 +161,8 @@ def _pointwise_blocks():
 def layer_plan(model, config) -> dict[str, dict]:
     """{layer name: {"weights", "sparsity", "block"}} of each layer `apply` prunes (see the module
     docstring): the largest kernel's target is `config.prune_sparsity`, a kernel r times smaller
-    gets `prune_sparsity * r ** -config.prune_size_exponent` (SIZE_EXPONENT), capped so each output unit keeps
-    MIN_KEPT_PER_OUTPUT weights on average; a layer whose cap leaves under MIN_LAYER_SPARSITY is
+    gets `prune_sparsity * r ** -config.prune_size_exponent`, capped so each output unit
+    keeps MIN_KEPT_PER_OUTPUT weights on average; a layer whose cap leaves under MIN_LAYER_SPARSITY is
     not pruned."""
     candidates = _candidate_shapes(model, structured=config.prune_structured)
     shapes = {name: shape for name, shape in candidates.items()
@@ -174,8 +173,7 @@ def layer_plan(model, config) -> dict[str, dict]:
     plan = {}
     for name, shape in shapes.items():
         size = _size(shape)
-        sparsity = config.prune_sparsity * (size / largest) ** getattr(
-            config, "prune_size_exponent", SIZE_EXPONENT)
+        sparsity = config.prune_sparsity * (size / largest) ** config.prune_size_exponent
         sparsity = round(min(sparsity, 1 - MIN_KEPT_PER_OUTPUT * shape[-1] / size), 4)
         if sparsity >= MIN_LAYER_SPARSITY:
             plan[name] = {"weights": size, "sparsity": sparsity,
@@ -210,7 +208,7 @@ def _block(shape: tuple[int, ...], config) -> int:
     ([1, 1, in, out]) one when `config.prune_block_pointwise`, halved until each unit has
     MIN_BLOCKS_PER_UNIT of them and they tile the inputs; else 1 (weight by weight)."""
     if (len(shape) == 4 and shape[:2] == (1, 1) and min(shape[2:]) > 1
-            and getattr(config, "prune_block_pointwise", False)):
+            and config.prune_block_pointwise):
         shape = shape[2:]  # a 1x1 convolution: stored like a Dense kernel (_pointwise_blocks)
     if len(shape) != 2:
         return 1

@@ -69,8 +69,8 @@ def configured_trial(mode: str, config) -> dict[str, Any]:
         low, high = SPARSITY_RANGE
         first["prune_sparsity"] = min(high, max(low, config.prune_sparsity))
         first["prune_block"] = min(PRUNE_BLOCKS, key=lambda block: abs(block - config.prune_block))
-        exponent = getattr(config, "prune_size_exponent", SIZE_EXPONENTS[-1])
-        first["prune_size_exponent"] = min(SIZE_EXPONENTS, key=lambda e: abs(e - exponent))
+        first["prune_size_exponent"] = min(
+            SIZE_EXPONENTS, key=lambda e: abs(e - config.prune_size_exponent))
     if "cluster" in chain:
         first["cluster_count"] = min(CLUSTER_COUNTS,
                                      key=lambda count: abs(count - config.cluster_count))
