@@ -32,8 +32,12 @@ if str(ROOT) not in sys.path:
 pytest_plugins = ["conftest_stack"]
 
 # Small settings that keep each test to seconds on 2 cores.
+# max_latency_ratio 0 (the latency gate off): 20 timed invokes on a shared machine at load 7 put
+# int8 at 1.3x float32's p50 and the gate rejected it (CI's e2e test). Pipeline tests check the
+# pipeline, not this machine's timing; the gate has its own tests on fixed figures (test_select).
 QUICK = {"epochs": 1, "train_limit": 1200, "test_limit": 500, "finetune_epochs": 1, "prune_epochs": 1,
-         "distill_epochs": 1, "latency_runs": 20, "latency_warmup": 3, "calibration_samples": 64}
+         "distill_epochs": 1, "latency_runs": 20, "latency_warmup": 3, "calibration_samples": 64,
+         "max_latency_ratio": 0}
 
 
 @pytest.fixture(autouse=True)
