@@ -25,7 +25,8 @@ help:
 	@echo "make run        the whole DAG end to end through Airflow (embedded SQLite, local MLflow)"
 	@echo "make test       the test suite (what CI runs): make test-fast, then make test-stack"
 	@echo "make test-fast  lint, unit and quick single-process pipeline tests (a developer's loop, 2-4 min)"
-	@echo "make test-stack the rest: whole pipeline and DAG runs, servers, the local stack, Chromium, Celery, bench"
+	@echo "make test-stack the rest: whole pipeline and DAG runs, servers, the local stack, Chromium, Celery"
+	@echo "make test-slow  the load test, packaging into fresh virtualenvs, a whole make bench --quick"
 	@echo "make bench      side-by-side performance tables (benchmarks/results.md)"
 	@echo "make cli        the same pipeline without Airflow (python -m pipeline run)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 for the local store"
@@ -93,8 +94,8 @@ cli: install dataset
 # 2.4, on 2 cores shared at load average 2-6; 1.5-2 min of CPU); test-stack = the rest: those
 # marked `pipeline` (a DAG run through Airflow, a whole CLI/API run or a `python -m pipeline`
 # process, a moto, MLflow or PostgreSQL server process, a chain of trainings or minutes of
-# training) and those that start the local stack (scripts/stack.py), Chromium or Celery workers,
-# and a whole `make bench --quick`. Each target installs what its tests need.
+# training) and those that start the local stack (scripts/stack.py), Chromium or Celery workers.
+# Each target installs what its tests need.
 FAST_TESTS := not stack and not browser and not celery and not bench and not pipeline and not slow
 STACK_TESTS := (stack or browser or celery or bench or pipeline) and not slow
 # lint: ruff, mypy and ARCHITECTURE.md's layers as import contracts (pyproject.toml).
@@ -112,8 +113,8 @@ test-fast: lint dataset
 test-stack: $(VENV)/.installed-test dataset chromium stack-servers
 	$(PY) -m pytest -q -m "$(STACK_TESTS)" tests
 
-# The load test (4 concurrent DAG runs on the local stack; ~10 min on 2 cores) and anything else
-# marked slow.
+# The load test (4 concurrent DAG runs on the local stack; ~10 min on 2 cores), the packaging
+# tests (fresh virtualenvs), a whole `make bench --quick` (~35 min) and anything else marked slow.
 test-slow: $(VENV)/.installed-test dataset stack-servers
 	$(PY) -m pytest -q -m slow tests
 

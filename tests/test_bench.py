@@ -1,6 +1,10 @@
 """`python -m benchmarks.run --quick`: the tables exist, have every section, row and column, their
 ratios follow from the raw figures beside them, and the markdown says what the JSON says.
-No timing thresholds: the quick mode checks the tables' shape, not the machine's speed."""
+No timing thresholds: the quick mode checks the tables' shape, not the machine's speed.
+
+The quick bench is a dozen pipeline runs (35 min on 2 cores): its tests are in make test-slow.
+make test checks the published tables (benchmarks/*results.json and .md: the markdown says what
+the JSON says) and the graph limits, which need no bench run."""
 from __future__ import annotations
 
 import json
@@ -15,8 +19,8 @@ import pytest
 from benchmarks import limits, memory, run
 from benchmarks.render import SECTION_NUMBERS, cell
 
-# A whole `make bench --quick` (several pipeline runs in subprocesses): not in make test-fast.
-pytestmark = pytest.mark.bench
+# The committed results of full bench runs (JSON, markdown).
+PUBLISHED = [("results.json", "results.md"), ("scaling-results.json", "scaling-results.md")]
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANT_KEYS = {"variant", "accuracy", "size_bytes", "gzip_size_bytes", "size_ratio", "gzip_ratio",
@@ -47,6 +51,8 @@ def _table(results: dict, table_id: str) -> dict:
     raise AssertionError(f"no table {table_id}")
 
 
+@pytest.mark.bench
+@pytest.mark.slow
 def test_every_section_ran_with_its_tables(quick):
     results, _ = quick
     assert results["mode"] == "quick"
@@ -62,6 +68,8 @@ def test_every_section_ran_with_its_tables(quick):
     assert "STAND-IN" in results["sections"]["resnet"]["title"]
 
 
+@pytest.mark.bench
+@pytest.mark.slow
 def test_machine_is_described(quick):
     results, markdown = quick
     machine = results["machine"]
@@ -70,6 +78,8 @@ def test_machine_is_described(quick):
     assert machine["cpu_model"] in markdown and "Key CPU flags" in markdown
 
 
+@pytest.mark.bench
+@pytest.mark.slow
 def test_variant_tables_have_every_row_and_column(quick):
     results, _ = quick
     resnet = _table(results, "resnet-variants")
@@ -84,6 +94,8 @@ def test_variant_tables_have_every_row_and_column(quick):
             assert 0 <= row["accuracy"] <= 1 and row["size_floor_bytes"] <= row["size_bytes"]
 
 
+@pytest.mark.bench
+@pytest.mark.slow
 def test_latency_figures_are_medians_over_rounds(quick):
     """Each table's latency is the median of its rounds (noisy machines: never one sample), and
     the float32 row is its own reference."""
@@ -96,6 +108,8 @@ def test_latency_figures_are_medians_over_rounds(quick):
             assert row["latency_ms_p50_1t"] == pytest.approx(
                 np.median([r["latency_ms_p50"] for r in row["rounds_1t"]]), rel=1e-3, abs=1e-4)  # stored to 4 decimals
 
+@pytest.mark.bench
+@pytest.mark.slow
 def test_memory_investigation_covers_every_option(quick):
     results, markdown = quick
     rows = _table(results, "resnet-memory-options")["rows"]
@@ -109,6 +123,8 @@ def test_memory_investigation_covers_every_option(quick):
     assert "### Conclusion" in markdown
 
 
+@pytest.mark.bench
+@pytest.mark.slow
 def test_peer_section_sets_onnx_runtime_beside_litert(quick):
     results, _ = quick
     rows = _table(results, "peer")["rows"]
@@ -132,8 +148,22 @@ def _markdown_tables(markdown: str) -> dict[str, list[list[str]]]:
     return {k: v[2:] for k, v in tables.items()}  # drop the header and rule lines
 
 
+@pytest.mark.bench
+@pytest.mark.slow
 def test_markdown_says_what_the_json_says(quick):
-    results, markdown = quick
+    _check_markdown(*quick)
+
+
+@pytest.mark.parametrize("json_name,markdown_name", PUBLISHED)
+def test_published_markdown_says_what_the_published_json_says(json_name, markdown_name):
+    """The committed results of full bench runs: the tables and goals in the markdown are the
+    JSON's figures rendered by today's code (a renumbered or re-formatted section shows here)."""
+    results = json.loads((ROOT / "benchmarks" / json_name).read_text())
+    assert results["mode"] == "full"
+    _check_markdown(results, (ROOT / "benchmarks" / markdown_name).read_text())
+
+
+def _check_markdown(results: dict, markdown: str) -> None:
     tables = _markdown_tables(markdown)
     for section in results["sections"].values():
         for spec in section["tables"]:
@@ -174,6 +204,8 @@ def test_graph_limits_of_a_small_dense_model(tmp_path):
     assert limits.floors("int8", graph)["size_floor_bytes"] == model.count_params()
 
 
+@pytest.mark.bench
+@pytest.mark.slow
 def test_stage_times_come_from_the_run_and_add_up(quick):
     """Every stage of the quick CNN run recorded its wall time; the parts sum to their rows and
     stay within the pipeline's own wall time."""
@@ -192,6 +224,8 @@ def test_stage_times_come_from_the_run_and_add_up(quick):
     assert train["now_s"] + optimize["now_s"] + per_variant["now_s"] < whole["now_s"]
 
 
+@pytest.mark.bench
+@pytest.mark.slow
 def test_sparse_storage_is_measured_beside_dense(quick):
     """The quick CNN run's prune model, dense and sparse, dynamic and int8: the sparse file is
     smaller raw, and each row says which runtime ran it."""
@@ -206,6 +240,8 @@ def test_sparse_storage_is_measured_beside_dense(quick):
         assert abs(sparse["accuracy"] - dense["accuracy"]) < 0.01
 
 
+@pytest.mark.bench
+@pytest.mark.slow
 def test_search_section_sets_the_search_beside_the_fixed_settings_on_two_models(quick):
     results, markdown = quick
     rows = _table(results, "search")["rows"]
