@@ -104,14 +104,20 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), a test module per process at a time
+# (module fixtures are built once): most tests keep one core busy (small models, waits on
+# servers and Airflow), so 2 processes on 2 cores roughly halve the time. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: lint dataset chromium stack-servers
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 test-fast: lint dataset
-	$(PY) -m pytest -q -m "$(FAST_TESTS)" tests
+	$(PY) -m pytest -q $(XDIST) -m "$(FAST_TESTS)" tests
 
 test-stack: $(VENV)/.installed-test dataset chromium stack-servers
-	$(PY) -m pytest -q -m "$(STACK_TESTS)" tests
+	$(PY) -m pytest -q $(XDIST) -m "$(STACK_TESTS)" tests
 
 # The load test (4 concurrent DAG runs on the local stack; ~10 min on 2 cores), the packaging
 # tests (fresh virtualenvs), a whole `make bench --quick` (~35 min) and anything else marked slow.
