@@ -23,6 +23,12 @@ from benchmarks.render import SECTION_NUMBERS, cell
 PUBLISHED = [("results.json", "results.md"), ("scaling-results.json", "scaling-results.md")]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def quick_bench(test):
+    """Marks a test of the whole quick bench run (fixture `quick`): make test-slow."""
+    return pytest.mark.bench(pytest.mark.slow(test))
+
 VARIANT_KEYS = {"variant", "accuracy", "size_bytes", "gzip_size_bytes", "size_ratio", "gzip_ratio",
                 "size_floor_bytes", "latency_ms_p50_1t", "latency_ms_p90_1t", "latency_ms_p50_2t",
                 "latency_ms_p90_2t", "speedup_1t", "peak_memory_mb_1t", "peak_memory_mb_2t",
@@ -51,8 +57,7 @@ def _table(results: dict, table_id: str) -> dict:
     raise AssertionError(f"no table {table_id}")
 
 
-@pytest.mark.bench
-@pytest.mark.slow
+@quick_bench
 def test_every_section_ran_with_its_tables(quick):
     results, _ = quick
     assert results["mode"] == "quick"
@@ -68,8 +73,7 @@ def test_every_section_ran_with_its_tables(quick):
     assert "STAND-IN" in results["sections"]["resnet"]["title"]
 
 
-@pytest.mark.bench
-@pytest.mark.slow
+@quick_bench
 def test_machine_is_described(quick):
     results, markdown = quick
     machine = results["machine"]
@@ -78,8 +82,7 @@ def test_machine_is_described(quick):
     assert machine["cpu_model"] in markdown and "Key CPU flags" in markdown
 
 
-@pytest.mark.bench
-@pytest.mark.slow
+@quick_bench
 def test_variant_tables_have_every_row_and_column(quick):
     results, _ = quick
     resnet = _table(results, "resnet-variants")
@@ -94,8 +97,7 @@ def test_variant_tables_have_every_row_and_column(quick):
             assert 0 <= row["accuracy"] <= 1 and row["size_floor_bytes"] <= row["size_bytes"]
 
 
-@pytest.mark.bench
-@pytest.mark.slow
+@quick_bench
 def test_latency_figures_are_medians_over_rounds(quick):
     """Each table's latency is the median of its rounds (noisy machines: never one sample), and
     the float32 row is its own reference."""
@@ -108,8 +110,7 @@ def test_latency_figures_are_medians_over_rounds(quick):
             assert row["latency_ms_p50_1t"] == pytest.approx(
                 np.median([r["latency_ms_p50"] for r in row["rounds_1t"]]), rel=1e-3, abs=1e-4)  # stored to 4 decimals
 
-@pytest.mark.bench
-@pytest.mark.slow
+@quick_bench
 def test_memory_investigation_covers_every_option(quick):
     results, markdown = quick
     rows = _table(results, "resnet-memory-options")["rows"]
@@ -123,8 +124,7 @@ def test_memory_investigation_covers_every_option(quick):
     assert "### Conclusion" in markdown
 
 
-@pytest.mark.bench
-@pytest.mark.slow
+@quick_bench
 def test_peer_section_sets_onnx_runtime_beside_litert(quick):
     results, _ = quick
     rows = _table(results, "peer")["rows"]
@@ -148,8 +148,7 @@ def _markdown_tables(markdown: str) -> dict[str, list[list[str]]]:
     return {k: v[2:] for k, v in tables.items()}  # drop the header and rule lines
 
 
-@pytest.mark.bench
-@pytest.mark.slow
+@quick_bench
 def test_markdown_says_what_the_json_says(quick):
     _check_markdown(*quick)
 
@@ -204,8 +203,7 @@ def test_graph_limits_of_a_small_dense_model(tmp_path):
     assert limits.floors("int8", graph)["size_floor_bytes"] == model.count_params()
 
 
-@pytest.mark.bench
-@pytest.mark.slow
+@quick_bench
 def test_stage_times_come_from_the_run_and_add_up(quick):
     """Every stage of the quick CNN run recorded its wall time; the parts sum to their rows and
     stay within the pipeline's own wall time."""
@@ -224,8 +222,7 @@ def test_stage_times_come_from_the_run_and_add_up(quick):
     assert train["now_s"] + optimize["now_s"] + per_variant["now_s"] < whole["now_s"]
 
 
-@pytest.mark.bench
-@pytest.mark.slow
+@quick_bench
 def test_sparse_storage_is_measured_beside_dense(quick):
     """The quick CNN run's prune model, dense and sparse, dynamic and int8: the sparse file is
     smaller raw, and each row says which runtime ran it."""
@@ -240,8 +237,7 @@ def test_sparse_storage_is_measured_beside_dense(quick):
         assert abs(sparse["accuracy"] - dense["accuracy"]) < 0.01
 
 
-@pytest.mark.bench
-@pytest.mark.slow
+@quick_bench
 def test_search_section_sets_the_search_beside_the_fixed_settings_on_two_models(quick):
     results, markdown = quick
     rows = _table(results, "search")["rows"]
