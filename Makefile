@@ -20,7 +20,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Extra options for `make run`, e.g. make run ARGS="--train-limit 5000 --variants float32,int8"
 ARGS ?=
 
-.PHONY: help install dataset airflow-db run cli lint test test-fast test-stack test-slow chromium bench mlflow-ui serve lock clean
+.PHONY: help install dataset airflow-db run cli lint test test-fast test-stack test-slow chromium bench bench-small mlflow-ui serve lock clean
 help:
 	@echo "make run        the whole DAG end to end through Airflow (embedded SQLite, local MLflow)"
 	@echo "make test       the test suite (what CI runs): make test-fast, then make test-stack"
@@ -28,6 +28,7 @@ help:
 	@echo "make test-stack the rest: whole pipeline and DAG runs, servers, the local stack, Chromium, Celery"
 	@echo "make test-slow  the load test, packaging into fresh virtualenvs, a whole make bench --quick"
 	@echo "make bench      side-by-side performance tables (benchmarks/results.md)"
+	@echo "make bench-small  every training-time technique on three small models (~6 min)"
 	@echo "make cli        the same pipeline without Airflow (python -m pipeline run)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 for the local store"
 	@echo "make serve      the registered champion over REST on http://127.0.0.1:5001 (MODEL=models:/...)"
@@ -150,6 +151,11 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 # ARGS=--quick checks the tables in ~4 min.
 bench: $(VENV)/.installed-bench dataset airflow-db
 	$(PY) -m benchmarks.run $(ARGS)
+
+# Every training-time technique on three small models of 540 images, the CNN's epochs and batch
+# size as given against sized to the data (benchmarks/small-models.md): ~6 min.
+bench-small: install
+	$(PY) -m benchmarks.small_models $(ARGS)
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --host 127.0.0.1 --port 5000

@@ -97,6 +97,10 @@ class PipelineConfig:
                                    "teacher's soft targets)", minimum=0, maximum=1)
     student_width: float = setting(0.5, "Student filters = teacher filters x width",
                                    exclusiveMinimum=0, exclusiveMaximum=1)
+    student_init: str = setting("teacher", "The student's first weights: 'teacher' = the "
+                                "teacher's own, cut to the student's width (its first filters "
+                                "and units in every layer), 'scratch' = random",
+                                enum=["teacher", "scratch"])
     size_to_data: bool = setting(True, "Training-time techniques: smaller batches and more "
                                  "epochs when training images are few (enough optimizer steps), "
                                  "BatchNorm statistics refreshed, a student of at least 2,000 "

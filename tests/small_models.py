@@ -123,3 +123,60 @@ def tf_keras_depthwise_residual(input_shape, classes: int):
     x = layers.Dense(8, activation="relu")(x)
     outputs = layers.Dense(classes)(x)
     return tf_keras.Model(inputs, outputs, name="depthwise_residual")
+
+
+# name: (builder, classes, image side, Keras 3?); 540 training images each (as in issue 22).
+MODELS = {
+    "keras3-residual-separable-3": (keras3_residual_separable, 3, 32, True),
+    "tf-keras-depthwise-residual-10": (tf_keras_depthwise_residual, 10, 24, False),
+    "tf-keras-plain-cnn-3": (tf_keras_plain_cnn, 3, 32, False),
+}
+
+
+def train_small_model(name: str, folder: Path, *, seed: int = 3):
+    """(dataset, saved tf_keras model path, its test accuracy) for MODELS[name]: its synthetic
+    shapes (540 training and 100 test images per class) and the model trained 40 epochs (a
+    Keras 3 model is translated to tf_keras, as the pipeline does)."""
+    import numpy as np
+
+    import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+    from pipeline.sources.data import load_dataset
+    from pipeline.sources.models import load_model, predict_classes
+    from pipeline.techniques.train import set_seed
+
+    builder, classes, side, keras3 = MODELS[name]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(str(shape_images(folder / "shapes.npz", classes=classes, train=540,
+                                         test=100 * classes, size=side, seed=classes)))
+    x_train, y_train = data.arrays("train")
+    x_val, _ = data.arrays("val")
+    set_seed(seed)
+    if keras3:
+        import keras
+        keras.utils.set_random_seed(seed)
+        model3 = builder(data.input_shape, classes)
+        model3.compile(optimizer=keras.optimizers.Adam(3e-3),
+                       loss="sparse_categorical_crossentropy")
+        model3.fit(x_train, y_train, epochs=40, batch_size=32, verbose=0)
+        model = translated(model3, x_val)
+    else:
+        import tf_keras
+        model = builder(data.input_shape, classes)
+        model.compile(optimizer=tf_keras.optimizers.Adam(3e-3),
+                      loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x_train, y_train, epochs=40, batch_size=32, verbose=0)
+    path = folder / "base.keras"
+    model.save(path)
+    base = load_model(path)
+    accuracy = float(np.mean(predict_classes(base, data.batches("test")) == data.labels("test")))
+    return data, str(path), accuracy
+
+
+def translated(model3, x_check=None):
+    """A Keras 3 model as the pipeline's tf_keras translation (checked on `x_check`)."""
+    import numpy as np
+
+    from pipeline.sources.keras3 import translate
+    x = np.zeros((4, *model3.input_shape[1:]), np.float32) if x_check is None else x_check[:64]
+    return translate(model3, x, tolerance=1e-4)[0]

@@ -52,7 +52,9 @@ def technique_settings(optimizations: list[str], config: "PipelineConfig") -> di
         "qat": f"int8 quantization-aware training, {config.finetune_epochs} epochs",
         "qat4": f"int4-aware training of the fully-connected kernels, {config.finetune_epochs} "
                 "epochs",
-        "distill": f"a student {config.student_width:g}x as wide, {config.distill_epochs} epochs, "
+        "distill": f"a student {config.student_width:g}x as wide (from "
+                   f"{'the teacher' if config.student_init == 'teacher' else 'scratch'}), "
+                   f"{config.distill_epochs} epochs, "
                    f"temperature {config.distill_temperature:g}, alpha {config.distill_alpha:g}",
     }
     return {name: described.get(name, "") for name in optimizations}
