@@ -230,10 +230,15 @@ def test_distilled_student_is_smaller_and_plain(base_path, dataset, config):
     assert student.layers[-1].activation.__name__ == "linear"  # logits
     assert student.count_params() < teacher.count_params()
     assert count_macs(student) <= 0.30 * count_macs(teacher)
-    # Trained (not the initial weights): it agrees with the teacher well above chance.
+    # It agrees with the teacher well above chance, and it trained: its weights moved away from
+    # the teacher's cut to its width, where it started.
     agreement = np.mean(predict_classes(student, dataset.x_test)
                         == predict_classes(teacher, dataset.x_test))
     assert agreement > 0.3  # chance is 0.1
+    start = build_cnn(dataset.input_shape, dataset.num_classes, width=config.student_width)
+    assert distillation.inherit_weights(start, teacher) == 7  # 3 conv/dense + BatchNorm, 1 head
+    moved = [np.abs(a - b).max() for a, b in zip(student.get_weights(), start.get_weights())]
+    assert len(moved) == len(start.get_weights()) and min(moved) > 0
 
 
 def test_a_softmax_teacher_contributes_log_probabilities(base_path, dataset):
