@@ -18,9 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests.small_models, run from anywhere
-
 TECHNIQUES = ("prune", "cluster", "qat", "qat4", "distill")
 SETTINGS = {
     "fixed": {"size_to_data": False, "technique_retries": 0, "student_init": "scratch"},
