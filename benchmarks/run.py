@@ -83,6 +83,7 @@ class Bench:
         self.cache = Path(args.cache_dir)
         self.runs_dir = self.cache / "runs"  # the pipeline runs of this bench run (wiped first)
         self.reuse_run = Path(args.reuse_run).resolve() if args.reuse_run else None
+        self.search_models = tuple(args.search_models.split(",")) if args.search_models else None
         self.cnn_run: Path | None = None
         self.cnn_pipeline_seconds: float | None = None
         self.cnn_rows: dict[str, dict] = {}
@@ -829,7 +830,7 @@ def section_scaling(bench: Bench) -> dict:
 def section_search(bench: Bench) -> dict:
     from benchmarks import search
     return search.section(bench.cache / "scaling", bench.runs_dir, bench.env, bench.quick,
-                          progress)
+                          progress, only=bench.search_models)
 
 
 # ----------------------------------------------------------------------------------- main
@@ -843,6 +844,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "context.json) to measure in section 2 instead of training the CNN again")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma list of sections to run (default: all: {','.join(SECTIONS)})")
+    parser.add_argument("--search-models", default="",
+                        help="comma list of the models section `search` runs on, among cnn, "
+                        "keras3, mobilenet (default: all three; --quick: cnn, mobilenet)")
     return parser
 
 
@@ -852,6 +856,13 @@ def main(argv=None) -> int:
     unknown = [s for s in wanted if s not in SECTIONS]
     if unknown:
         print(f"error: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    from benchmarks.search import MODELS as SEARCH_MODELS
+    odd = [m for m in args.search_models.split(",") if args.search_models
+           and m not in SEARCH_MODELS]
+    if odd:
+        print(f"error: unknown --search-models {', '.join(odd)}; known: "
+              f"{', '.join(SEARCH_MODELS)}", file=sys.stderr)
         return 2
     if args.reuse_run and not (Path(args.reuse_run) / "context.json").exists():
         print(f"error: --reuse-run {args.reuse_run} holds no context.json (a pipeline run folder "

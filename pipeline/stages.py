@@ -375,10 +375,10 @@ def search_trial(ctx: RunContext | dict, spec: dict[str, Any]) -> dict[str, Any]
         out_dir = local_run_dir(run.pipeline_run_id) / "search" / _safe(spec["recipe"]) / str(
             spec["trial"])
         with progress.training(run_id, "trial"):
-            outcome = search.run_trial(parse_variant(spec["recipe"]).quantization,
-                                       str(artifacts.fetch(run.technique_base_uri)), dataset,
-                                       run.config, spec["params"], out_dir,
-                                       train_images=spec.get("train_images"))
+            outcome = _fixed_anchor(run, spec, dataset, out_dir) or search.run_trial(
+                parse_variant(spec["recipe"]).quantization,
+                str(artifacts.fetch(run.technique_base_uri)), dataset, run.config,
+                spec["params"], out_dir, train_images=spec.get("train_images"))
         record.update({key: value for key, value in outcome.items()
                        if key not in ("model_path", "tflite_path")},
                       model_uri=artifacts.store(parent, outcome["model_path"],
@@ -403,6 +403,38 @@ def search_trial(ctx: RunContext | dict, spec: dict[str, Any]) -> dict[str, Any]
         tracking.fail_run(run_id, record["error"])
     artifacts.store_json(parent, record, _trial_record(spec))
     return record
+
+
+def _fixed_anchor(run: RunContext, spec: dict[str, Any], dataset, out_dir: Path
+                  ) -> dict[str, Any] | None:
+    """The full-fidelity anchor (the configured settings on all the images) measured on the
+    model the run's fixed variant of the same chain trained, when the run has that variant and
+    none of the chain's techniques backed off from the configured settings: the same training,
+    done once per run instead of twice. None otherwise (the trial trains its own)."""
+    from pipeline.techniques import search
+    from pipeline.techniques.recipes import parse_recipe
+
+    mode = parse_variant(spec["recipe"]).quantization
+    chain = parse_recipe("+".join(search.SEARCH_CHAINS[mode]))
+    if "+".join(chain) not in recipes(run.config.variants) or not search.is_anchor(
+            mode, run.config, spec):
+        return None
+    try:  # the chain and its prefixes, each trained once per run (or already by their tasks)
+        records = [optimize(run, "+".join(chain[:length])) for length in range(1, len(chain) + 1)]
+    except Exception as error:  # the trial trains the chain itself and records what happens
+        log.warning("%s: the fixed %s model is unavailable (%s)", spec["label"], "+".join(chain),
+                    one_line(error))
+        return None
+    if any("model_uri" not in record or any(
+            record["settings"][technique] != attempts[0]["settings"]
+            for technique, attempts in record.get("attempts", {}).items()) for record in records):
+        return None  # a technique backed off: that model is not the configured settings'
+    progress.stage("search", f"{spec['label']}: the fixed variant's {'+'.join(chain)} model "
+                   "(the configured settings on all the images, trained once per run)")
+    final = records[-1]
+    return search.measure(mode, str(artifacts.fetch(final["model_uri"])), dataset, run.config,
+                          out_dir, params=spec["params"],
+                          base_accuracy=final["base_val_accuracy"])
 
 
 def _finish_search(run: RunContext, recipe: str, out_dir: Path) -> dict[str, Any]:

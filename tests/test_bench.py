@@ -251,3 +251,8 @@ def test_search_section_sets_the_search_beside_the_fixed_settings_on_two_models(
             assert 0 <= row["accuracy"] <= 1 and row["gzip_ratio"] > 1
         assert "prune_sparsity" in variants["auto-int4"]["settings"], variants["auto-int4"]
     assert "Accuracy-aware search against the fixed settings" in markdown
+
+
+def test_an_unknown_search_model_is_named_before_anything_runs(capsys):
+    assert run.main(["--sections", "search", "--search-models", "cnn,resnet"]) == 2
+    assert "unknown --search-models resnet; known: cnn, keras3, mobilenet" in capsys.readouterr().err

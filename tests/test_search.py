@@ -124,6 +124,26 @@ def test_a_sampled_search_starts_with_both_anchors():
     assert later[2]["params"] != later[0]["params"]
 
 
+def test_only_the_configured_settings_on_all_the_images_are_the_fixed_variants_training():
+    from pipeline.config import PipelineConfig
+
+    config = PipelineConfig()
+    anchor = {"params": search.configured_trial("int4", config), "train_images": search.ALL_IMAGES}
+    assert search.is_anchor("int4", config, anchor)
+    assert search.is_anchor("int8", config, {**anchor, "params": search.configured_trial(
+        "int8", config)})
+    assert not search.is_anchor("int4", config, {**anchor, "train_images": 600})
+    assert not search.is_anchor("int4", config, {**anchor, "params": {
+        **anchor["params"], "epochs_factor": 2}})
+    assert not search.is_anchor("int4", config, {**anchor, "params": {
+        **anchor["params"], "cluster_count": 8}})
+    # A configured value outside the searched space is clipped into it: that trial is not the
+    # fixed variant's settings (runs of 8 inputs are searched as 4).
+    odd = PipelineConfig.from_mapping({"prune_block": 8})
+    assert not search.is_anchor("int4", odd, {
+        "params": search.configured_trial("int4", odd), "train_images": search.ALL_IMAGES})
+
+
 def test_trials_are_split_over_the_rounds():
     assert search.round_sizes(12) == [4, 4, 4]
     assert search.round_sizes(10) == [4, 3, 3]
@@ -182,11 +202,12 @@ def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
     env = {**os.environ, "PIPELINE_WORK_DIR": str(tmp_path / "work"), "MLFLOW_TRACKING_URI": store}
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "--dataset", str(photos), "--epochs", "2",
-         "--variants", "float32,auto-int4", "--experiment", "search-run",
+         "--variants", "float32,prune+cluster+qat4-int4,auto-int4", "--experiment", "search-run",
          "--registered-model-name", "search-run", "--set", "search_trials=3",
          "--set", "search_train_images=60",
          "--set", "prune_epochs=1", "--set", "finetune_epochs=1", "--set", "size_to_data=false",
-         "--set", "latency_runs=5", "--set", "calibration_samples=16", "--set", "min_accuracy=0"],
+         "--set", "latency_runs=5", "--set", "calibration_samples=16", "--set", "min_accuracy=0",
+         "--set", "technique_retries=0"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stderr
@@ -194,6 +215,9 @@ def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
     # Round 1 holds the two anchors (the fixed settings on all 108 images and on the sample of
     # 60), so 3 trials become 4.
     assert "auto-int4 trial 0: " in log and "fine-tuned on all the images" in log
+    # The run also has the fixed variant of the chain: that anchor is its model, not a second
+    # training of the same settings.
+    assert "auto-int4 trial 0: the fixed variant's prune+cluster+qat4 model" in log, log[-3000:]
     assert "auto-int4 trial 1 (round 1): {'prune_sparsity': 0.91" in log
     assert "fine-tuned on a sample of 60 images" in log
     assert "[search] auto-int4 trial 3 (round 3)" in log
@@ -223,9 +247,9 @@ def test_an_auto_variant_runs_its_search_and_ships_the_best_trial(tmp_path):
             == pytest.approx(float(chosen.data.params["prune_sparsity"])))
     assert variant.data.params["technique.search.trial_train_images"] == str(
         int(chosen.data.metrics["train_images"]))
-    # The trials are not variants: the summary has the two requested ones; the report shows the
+    # The trials are not variants: the summary has the three requested ones; the report shows the
     # search's trials and its choice.
-    assert "**Variants:** 2 (" in parent.data.tags.get("mlflow.note.content", "")
+    assert "**Variants:** 3 (" in parent.data.tags.get("mlflow.note.content", "")
     summary = Path(client.download_artifacts(parent.info.run_id, "report/summary.md",
                                              str(tmp_path))).read_text()
     assert "## Search: `auto-int4`" in summary and "**chosen**" in summary

@@ -19,7 +19,9 @@ would reach on all the images. TPE's constraint (budget - estimated accuracy <= 
 trial constraints) and the choice use that estimate. `choose` then trains the smallest
 estimated fit on all the images and keeps it only when that verified model fits (up to
 VERIFICATIONS tries, smallest first); else the full-fidelity anchor, when it fits. The search
-can therefore never ship anything worse than the fixed settings trained as usual.
+can therefore never ship anything worse than the fixed settings trained as usual. When the run
+also has the fixed variant of the same chain (`prune+cluster+qat4-int4` beside `auto-int4`), the
+full-fidelity anchor is that variant's model, measured (`measure`), not trained a second time.
 
 A search also shares the per-technique back-off's rules (`backoff.configured`): a trial's
 settings are config fields, and each technique sizes its fine-tuning to the data as usual.
@@ -162,17 +164,25 @@ def trial_config(config, params: dict[str, Any]):
     return configured(config, settings)
 
 
+def is_anchor(mode: str, config, trial: dict[str, Any]) -> bool:
+    """Whether `trial` ({params, train_images}) is the full-fidelity anchor trained exactly as the
+    fixed variant of `mode`'s chain is: the configured settings (none clipped into the searched
+    space) on all the training images."""
+    params = trial["params"]
+    if trial.get("train_images") != ALL_IMAGES or params != configured_trial(mode, config):
+        return False
+    settings = trial_config(config, params)
+    return all(getattr(settings, name) == getattr(config, name)
+               for name in ("prune_epochs", "finetune_epochs", *params) if name != "epochs_factor")
+
+
 def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str, Any],
               out_dir: Path, *, train_images: int | None = None) -> dict[str, Any]:
     """Apply `mode`'s chain with the trial's settings to a fresh copy of the base model, convert
-    it to `mode` and measure it: {params, train_images, sampled, val_accuracy,
-    base_val_accuracy, budget_accuracy, fits_budget, size_bytes, gzip_size_bytes, seconds,
-    model_path, tflite_path}. `train_images` (default `config.search_train_images`; ALL_IMAGES
-    = 0 = all): the fine-tuning sees a sample of that many training images, a cheaper estimate
-    of the whole (multi-fidelity search); validation is always the whole split. fits_budget is
-    this model's own accuracy against the budget (`estimated` corrects a sampled one)."""
-    from pipeline.runtime.benchmark import gzip_size
-    from pipeline.runtime.evaluate import evaluate_tflite
+    it to `mode` and measure it (`measure`). `train_images` (default
+    `config.search_train_images`; ALL_IMAGES = 0 = all): the fine-tuning sees a sample of that
+    many training images, a cheaper estimate of the whole (multi-fidelity search); validation is
+    always the whole split."""
     from pipeline.sources.models import load_model
     from pipeline.techniques.persistence import save_optimized
     from pipeline.techniques.recipes import TECHNIQUES
@@ -182,22 +192,42 @@ def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     trial = trial_config(config, params)
-    all_images = dataset.train_count
-    dataset = dataset.sample_train(
+    sample = dataset.sample_train(
         config.search_train_images if train_images is None else train_images, config.seed)
     model = load_model(base_model_path, allow_unsafe=config.allow_unsafe_model)
-    base_accuracy = validation_accuracy(model, dataset)
+    base_accuracy = validation_accuracy(model, sample)
     applied: tuple[str, ...] = ()
     for name in SEARCH_CHAINS[mode]:
         set_seed(config.seed)
-        model = TECHNIQUES[name].apply(model, dataset, trial, applied=applied)
+        model = TECHNIQUES[name].apply(model, sample, trial, applied=applied)
         applied += (name,)
-    model_path = save_optimized(model, out_dir / "model")
-    tflite = convert_to(mode, model, out_dir / "model.tflite", dataset, config)
+    return measure(mode, save_optimized(model, out_dir / "model"), dataset, config, out_dir,
+                   params=params, base_accuracy=base_accuracy, train_images=sample.train_count,
+                   started=started)
+
+
+def measure(mode: str, model_path: str, dataset, config, out_dir: Path, *,
+            params: dict[str, Any], base_accuracy: float, train_images: int | None = None,
+            started: float | None = None) -> dict[str, Any]:
+    """A trial's record for the optimized Keras model at `model_path`, converted to `mode`:
+    {params, train_images, sampled, val_accuracy, base_val_accuracy, budget_accuracy,
+    fits_budget, size_bytes, gzip_size_bytes, seconds, model_path, tflite_path}. Validation
+    accuracy through LiteRT on the whole validation split; fits_budget is this model's own
+    accuracy against the budget (`estimated` corrects a sampled one). `train_images`: how many
+    the model was fine-tuned on (default all of `dataset`'s)."""
+    from pipeline.runtime.benchmark import gzip_size
+    from pipeline.runtime.evaluate import evaluate_tflite
+    from pipeline.techniques.persistence import load_optimized
+
+    started = time.perf_counter() if started is None else started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tflite = convert_to(mode, load_optimized(model_path), out_dir / "model.tflite", dataset,
+                        config)
     accuracy = evaluate_tflite(str(tflite), dataset.batches("val"), dataset.class_names).accuracy
     budget = base_accuracy - config.max_accuracy_drop_pts / 100.0
-    return {"params": params, "train_images": dataset.train_count,
-            "sampled": dataset.train_count < all_images,
+    train_images = dataset.train_count if train_images is None else train_images
+    return {"params": params, "train_images": train_images,
+            "sampled": train_images < dataset.train_count,
             "val_accuracy": float(accuracy),
             "base_val_accuracy": float(base_accuracy), "budget_accuracy": float(budget),
             "fits_budget": bool(accuracy >= budget), "size_bytes": tflite.stat().st_size,
