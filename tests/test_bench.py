@@ -20,7 +20,8 @@ from benchmarks import limits, memory, run
 from benchmarks.render import SECTION_NUMBERS, cell
 
 # The committed results of full bench runs (JSON, markdown).
-PUBLISHED = [("results.json", "results.md"), ("scaling-results.json", "scaling-results.md")]
+PUBLISHED = [("results.json", "results.md"), ("scaling-results.json", "scaling-results.md"),
+             ("search-results.json", "search-results.md")]
 
 ROOT = Path(__file__).resolve().parent.parent
 
