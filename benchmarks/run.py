@@ -858,8 +858,7 @@ def main(argv=None) -> int:
         print(f"error: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     from benchmarks.search import MODELS as SEARCH_MODELS
-    odd = [m for m in args.search_models.split(",") if args.search_models
-           and m not in SEARCH_MODELS]
+    odd = [m for m in filter(None, args.search_models.split(",")) if m not in SEARCH_MODELS]
     if odd:
         print(f"error: unknown --search-models {', '.join(odd)}; known: "
               f"{', '.join(SEARCH_MODELS)}", file=sys.stderr)

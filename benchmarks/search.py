@@ -21,15 +21,16 @@ from benchmarks.scaling import make_photos, run_measured, train_mobilenet
 # Trials per model. A Keras 3 trial fine-tunes on a sample of 10,000 of the 50,000 images, as
 # the CNN's do; a MobileNetV2 trial on all its 4,000 training photos (fewer than a sample), so each
 # costs about what the fixed chain does.
-FULL = {"cnn_args": [], "mobilenet_args": [], "photos": 5000, "px": 96, "mobilenet_epochs": 30,
+FULL = {"cnn_args": [], "keras3_args": [], "mobilenet_args": [], "photos": 5000, "px": 96, "mobilenet_epochs": 30,
         "keras3_epochs": 3, "trials": {"cnn": 12, "keras3": 6, "mobilenet": 6},
         "latency_runs": 100, "models": ("cnn", "keras3", "mobilenet")}
 # One epoch of each fine-tuning, at the configured lengths: sized to the data (size_to_data), 300
 # photos would get more epochs, not fewer (a MobileNetV2 run took 12 minutes of the quick bench).
 QUICK_TRAINING = ["--set", "prune_epochs=1", "--set", "finetune_epochs=1",
                   "--set", "size_to_data=false"]
-QUICK_FASHION = ["--epochs", "1", "--train-limit", "1500", "--test-limit", "500"]
-QUICK = {"cnn_args": [*QUICK_FASHION, *QUICK_TRAINING], "mobilenet_args": QUICK_TRAINING,
+QUICK_LIMITS = ["--train-limit", "1500", "--test-limit", "500"]
+QUICK = {"cnn_args": ["--epochs", "1", *QUICK_LIMITS, *QUICK_TRAINING],
+         "keras3_args": [*QUICK_LIMITS, *QUICK_TRAINING], "mobilenet_args": QUICK_TRAINING,
          "photos": 300, "px": 48, "mobilenet_epochs": 1, "keras3_epochs": 1,
          "trials": {"cnn": 2, "keras3": 2, "mobilenet": 2}, "latency_runs": 5,
          "models": ("cnn", "mobilenet")}
@@ -49,8 +50,7 @@ def section(cache: Path, runs_dir: Path, env, quick: bool, progress,
         keras3 = _keras3_model(cache / f"search-keras3-{settings['keras3_epochs']}", settings,
                                progress)
         models.append(("Keras 3 residual CNN (Fashion-MNIST)", "keras3",
-                       ["--model", str(keras3),
-                        *(QUICK_FASHION[2:] + QUICK_TRAINING if quick else [])]))
+                       ["--model", str(keras3), *settings["keras3_args"]]))
     if "mobilenet" in only:
         photos = cache / f"photos-{settings['px']}px-{settings['photos']}"
         make_photos(photos, settings["photos"], settings["px"])

@@ -412,10 +412,9 @@ def _fixed_anchor(run: RunContext, spec: dict[str, Any], dataset, out_dir: Path
     none of the chain's techniques backed off from the configured settings: the same training,
     done once per run instead of twice. None otherwise (the trial trains its own)."""
     from pipeline.techniques import search
-    from pipeline.techniques.recipes import parse_recipe
 
-    mode = parse_variant(spec["recipe"]).quantization
-    chain = parse_recipe("+".join(search.SEARCH_CHAINS[mode]))
+    variant = parse_variant(spec["recipe"])
+    mode, chain = variant.quantization, variant.techniques  # auto-int4: int4, prune+cluster+qat4
     if "+".join(chain) not in recipes(run.config.variants) or not search.is_anchor(
             mode, run.config, spec):
         return None

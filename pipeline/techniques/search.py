@@ -173,7 +173,7 @@ def is_anchor(mode: str, config, trial: dict[str, Any]) -> bool:
         return False
     settings = trial_config(config, params)
     return all(getattr(settings, name) == getattr(config, name)
-               for name in ("prune_epochs", "finetune_epochs", *params) if name != "epochs_factor")
+               for name in params if name != "epochs_factor")
 
 
 def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str, Any],
@@ -203,26 +203,27 @@ def run_trial(mode: str, base_model_path: str, dataset, config, params: dict[str
         applied += (name,)
     return measure(mode, save_optimized(model, out_dir / "model"), dataset, config, out_dir,
                    params=params, base_accuracy=base_accuracy, train_images=sample.train_count,
-                   started=started)
+                   started=started, model=model)
 
 
 def measure(mode: str, model_path: str, dataset, config, out_dir: Path, *,
             params: dict[str, Any], base_accuracy: float, train_images: int | None = None,
-            started: float | None = None) -> dict[str, Any]:
+            started: float | None = None, model=None) -> dict[str, Any]:
     """A trial's record for the optimized Keras model at `model_path`, converted to `mode`:
     {params, train_images, sampled, val_accuracy, base_val_accuracy, budget_accuracy,
     fits_budget, size_bytes, gzip_size_bytes, seconds, model_path, tflite_path}. Validation
     accuracy through LiteRT on the whole validation split; fits_budget is this model's own
     accuracy against the budget (`estimated` corrects a sampled one). `train_images`: how many
-    the model was fine-tuned on (default all of `dataset`'s)."""
+    the model was fine-tuned on (default all of `dataset`'s); `model`: that model, when it is
+    in memory already (else it is loaded)."""
     from pipeline.runtime.benchmark import gzip_size
     from pipeline.runtime.evaluate import evaluate_tflite
     from pipeline.techniques.persistence import load_optimized
 
     started = time.perf_counter() if started is None else started
     out_dir.mkdir(parents=True, exist_ok=True)
-    tflite = convert_to(mode, load_optimized(model_path), out_dir / "model.tflite", dataset,
-                        config)
+    tflite = convert_to(mode, load_optimized(model_path) if model is None else model,
+                        out_dir / "model.tflite", dataset, config)
     accuracy = evaluate_tflite(str(tflite), dataset.batches("val"), dataset.class_names).accuracy
     budget = base_accuracy - config.max_accuracy_drop_pts / 100.0
     train_images = dataset.train_count if train_images is None else train_images
