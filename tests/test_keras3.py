@@ -15,6 +15,7 @@ from pipeline.runtime.litert import TFLiteRunner
 from pipeline.sources.models import load_model, model_kind, tf_keras
 from pipeline.errors import TechniqueError
 from pipeline.techniques import clustering, pruning, qat
+from pipeline.techniques.graph import fuse_layers
 from pipeline.techniques.stats import kernel_stats
 
 PARITY = 1e-5
@@ -153,6 +154,25 @@ def _custom_dense():
     return Dense
 
 
+def test_fuse_layers_splits_a_separable_convolution_exactly(translated_path, small_dataset):
+    """SeparableConv2D becomes its DepthwiseConv2D and a 1x1 Conv2D of the same name (which
+    TF-MOT prunes and clusters like any convolution), computing the same outputs."""
+    translated = load_model(translated_path)
+    fused = fuse_layers(translated)
+    kinds = {layer.name: type(layer).__name__ for layer in fused.layers}
+    assert "SeparableConv2D" not in kinds.values()
+    assert kinds["separable_conv2d_depthwise"] == "DepthwiseConv2D"
+    pointwise = fused.get_layer("separable_conv2d")
+    assert type(pointwise).__name__ == "Conv2D" and pointwise.kernel.shape == (1, 1, 16, 32)
+    assert pointwise.activation.__name__ == "relu" and pointwise.use_bias
+    assert fused.get_layer("separable_conv2d_depthwise").strides == (2, 2)
+    assert fused.count_params() == translated.count_params()
+    np.testing.assert_allclose(fused.predict(small_dataset.x_test[:256], verbose=0),
+                               translated.predict(small_dataset.x_test[:256], verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    assert fuse_layers(fused) is fused
+
+
 @pytest.mark.pipeline  # trains each technique on the translation (tests/test_optimize.py: on tf_keras)
 @pytest.mark.parametrize("technique", ["prune", "cluster", "qat"])
 def test_tfmot_techniques_work_on_the_translation_and_it_converts(technique, translated_path,
@@ -167,14 +187,19 @@ def test_tfmot_techniques_work_on_the_translation_and_it_converts(technique, tra
     model = module.apply(load_model(translated_path), few, config, applied=())
 
     if technique == "prune":
-        assert kernel_stats(model)["sparsity"] > 0.15  # each output unit keeps 16 weights
+        # the Dense head (32 inputs per output unit) keeps 16 of each unit's; the convolutions,
+        # the separable's split-out pointwise kernel among them, have 16 inputs and stay whole
+        assert np.mean(model.get_layer("dense").kernel.numpy() == 0) >= 0.4
+        assert kernel_stats(model)["sparsity"] > 0.1
     elif technique == "cluster":
         kernels = [layer.kernel.numpy() for layer in model.layers
                    if type(layer).__name__ in ("Conv2D", "Dense")]  # what TF-MOT clusters
-        assert len(kernels) == 3 and all(np.unique(k).size <= CLUSTERS for k in kernels)
+        # two Conv2D, the SeparableConv2D's pointwise kernel (split out) and the Dense head
+        assert len(kernels) == 4 and all(np.unique(k).size <= CLUSTERS for k in kernels)
+        assert model.get_layer("separable_conv2d").kernel.shape == (1, 1, 16, 32)
     else:
         wrapped = {type(layer.layer).__name__ for layer in model.layers if hasattr(layer, "layer")}
-        # Rescaling is quantized at its output; SeparableConv2D is split by TF-MOT.
+        # Rescaling is quantized at its output; SeparableConv2D is split (graph.fuse_layers).
         assert {"Rescaling", "Conv2D", "DepthwiseConv2D", "Add", "Dense"} <= wrapped
 
     path = quantize.convert("int8", tmp_path / f"{technique}.tflite", model=model,

@@ -37,11 +37,10 @@ pointwise convolutions, most of its weights, are Conv2D layers), except
  - kernels under MIN_PRUNED_WEIGHTS weights, or that cannot keep MIN_KEPT_PER_OUTPUT weights per
    output unit at any sparsity worth having.
  - for 2:4, layers whose input-channel count is not a multiple of 4 (no whole groups of four).
-Other layers (and layers inside nested models) are left as they are, SeparableConv2D too: TF-MOT
-prunes its pointwise kernel, but QAT then splits the layer into a depthwise and a 1x1 Conv2D that
-trains the zeros away (a 2,048-weight pointwise kernel pruned to 50 % had none left after
-prune+cluster+qat). Pruning works on
-`graph.fuse_layers(model)` (Dense+BatchNorm and conv/dense+ReLU fused; see there why).
+Other layers (and layers inside nested models) are left as they are. Pruning works on
+`graph.fuse_layers(model)` (SeparableConv2D split into its depthwise and 1x1 Conv2D, whose
+pointwise kernel is then pruned like any 1x1 convolution; Dense+BatchNorm and conv/dense+ReLU
+fused; see there why).
 """
 from __future__ import annotations
 
