@@ -214,17 +214,17 @@ def int4_placement(float_tflite_path: str | Path, work_dir: str | Path, *,
                                 int4_ops=_kinds_at(trial, "int4"), weight_only=_weight_only(trial))
                 latency = float(latency_of(candidate))
                 fits = latency <= latency_limit_ms
-                trial = {"kind": kind, "precision": precision, "latency_ms_p50": latency,
-                         "fits": fits}
-                trials.append(trial)
+                timed: dict[str, Any] = {"kind": kind, "precision": precision,
+                                         "latency_ms_p50": latency, "fits": fits}
+                trials.append(timed)
                 if not fits and precision == "int8-weight-only":
                     fallback = {k: "float16" for k in kinds} | decided
                     quantize_tflite("int4", float_tflite_path, candidate,
                                     int4_ops=_kinds_at(fallback, "int4"),
                                     weight_only=_weight_only(fallback))
                     float16_latency = float(latency_of(candidate))
-                    fits = trial["fits"] = latency <= WEIGHT_ONLY_SLOWDOWN * float16_latency
-                    trial["float16_latency_ms_p50"] = float16_latency
+                    fits = timed["fits"] = latency <= WEIGHT_ONLY_SLOWDOWN * float16_latency
+                    timed["float16_latency_ms_p50"] = float16_latency
                 if fits:
                     decided[kind] = precision
                     break
