@@ -22,7 +22,7 @@ from benchmarks.scaling import make_photos, run_measured, train_mobilenet
 # the CNN's do; a MobileNetV2 trial on all its 4,000 training photos (fewer than a sample), so each
 # costs about what the fixed chain does.
 FULL = {"cnn_args": [], "keras3_args": [], "mobilenet_args": [], "photos": 5000, "px": 96, "mobilenet_epochs": 30,
-        "keras3_epochs": 3, "trials": {"cnn": 12, "keras3": 6, "mobilenet": 6},
+        "keras3_epochs": 3, "trials": {"cnn": 12, "keras3": 8, "mobilenet": 6},
         "latency_runs": 100, "models": ("cnn", "keras3", "mobilenet")}
 # One epoch of each fine-tuning, at the configured lengths: sized to the data (size_to_data), 300
 # photos would get more epochs, not fewer (a MobileNetV2 run took 12 minutes of the quick bench).
@@ -77,7 +77,7 @@ def section(cache: Path, runs_dir: Path, env, quick: bool, progress,
         measured = run_measured(command, env(PIPELINE_WORK_DIR=str(work)),
                                 runs_dir / f"search-{name}.log")
         progress("search", f"{label}: exit {measured['returncode']}, {measured['seconds']:.0f} s")
-        results, chosen = _results(work)
+        results, chosen, chosen_trial = _results(work)
         for variant in (FIXED, SEARCHED):
             result = results.get(variant, {})
             rows.append({"model": label, "variant": variant,
@@ -95,11 +95,15 @@ def section(cache: Path, runs_dir: Path, env, quick: bool, progress,
                   and r.get("accuracy_delta_pts", -99) >= -1.0]
         best_fixed = fixed.get("gzip_compression_ratio") if fixed in within else None
         best_searched = searched.get("gzip_compression_ratio") if searched in within else None
-        goals.append({"goal": f"{label}: the search at least as small as the fixed settings "
-                              "within 1 pt", "target": f"{SEARCHED} gzip ratio >= {FIXED}'s",
-                      "measured": f"{best_searched or 0:.1f}x against {best_fixed or 0:.1f}x",
-                      "met": None if quick else bool(best_searched and best_searched
-                                                     >= (best_fixed or 0)),
+        # Beaten only by settings of its own: trial 0 is the fixed settings (the anchor), whose
+        # ratio differs from the fixed variant's by the timed int4 placement alone.
+        own = chosen_trial not in ("", "0")
+        goals.append({"goal": f"{label}: the search beats the fixed settings within 1 pt",
+                      "target": f"{SEARCHED} gzip ratio > {FIXED}'s, with settings of its own",
+                      "measured": f"{best_searched or 0:.1f}x against {best_fixed or 0:.1f}x"
+                                  + ("" if own else " (it chose the fixed settings)"),
+                      "met": None if quick else bool(own and best_searched and best_searched
+                                                     > (best_fixed or 0)),
                       "note": ""})
         if name == "cnn":
             goals.append({"goal": "default CNN: auto-int4 within 1 pt", "target": ">= 60x gzip",
@@ -159,11 +163,12 @@ def _keras3_model(folder: Path, settings: dict, progress) -> Path:
     return model
 
 
-def _results(work: Path) -> tuple[dict[str, dict], str]:
-    """The run's variant results by name (gates applied) and the search's chosen settings."""
+def _results(work: Path) -> tuple[dict[str, dict], str, str]:
+    """The run's variant results by name (gates applied), the search's chosen settings and the
+    chosen trial's number."""
     found = sorted(work.glob("*/select.json"), key=lambda p: p.stat().st_mtime)
     if not found:
-        return {}, ""
+        return {}, "", ""
     selected = json.loads(found[-1].read_text())
     rejected = selected["selection"].get("rejected", {})
     results = {}
@@ -172,7 +177,6 @@ def _results(work: Path) -> tuple[dict[str, dict], str]:
         results[name] = {**result, "passed": name in selected["selection"].get("passed", []),
                          "reasons": rejected.get(name)}
     # The summary's search table: | trial | round | settings | images | accuracy | ... | **chosen** |
-    chosen = next((line.split("|")[3].strip()
-                   for line in selected.get("summary_markdown", "").splitlines()
-                   if line.endswith("**chosen** |")), "")
-    return results, chosen
+    cells = next((line.split("|") for line in selected.get("summary_markdown", "").splitlines()
+                  if line.endswith("**chosen** |")), None)
+    return results, cells[3].strip() if cells else "", cells[1].strip() if cells else ""
