@@ -192,9 +192,8 @@ def int4_placement(float_tflite_path: str | Path, work_dir: str | Path, *,
     Between the two weight-only precisions the limit does not decide: both run float32's
     kernels once XNNPACK has dequantized them, so when int8 weight-only misses the limit the
     float16 model is timed too (the trial's `float16_latency_ms_p50`), and int8 weight-only
-    stays unless it is more than
-    WEIGHT_ONLY_SLOWDOWN times slower than that (a kind XNNPACK cannot take at int8 leaves its
-    partition: 3x, not noise). On a 0.1 ms model the timer's noise alone had put one run's
+    stays unless it is more than WEIGHT_ONLY_SLOWDOWN times slower than that (a kind XNNPACK
+    cannot take at int8 leaves its partition: 3x, not noise). On a 0.1 ms model the timer's noise alone had put one run's
     convolutions at float16 and another's at int8 (0.142 against 0.101 ms for the same model),
     a 1.6x larger file for no speed."""
     float_tflite_path = Path(float_tflite_path)
@@ -206,26 +205,27 @@ def int4_placement(float_tflite_path: str | Path, work_dir: str | Path, *,
     decided: dict[str, str] = {}
     trials: list[dict[str, Any]] = []
     candidate = Path(work_dir) / f"{float_tflite_path.stem}.int4-placement.tflite"
+
+    def timed(kind: str, precision: str) -> float:
+        """p50 of the model with the kinds decided so far, `kind` at `precision`, the rest at
+        float16."""
+        placement = {k: "float16" for k in kinds} | decided | {kind: precision}
+        quantize_tflite("int4", float_tflite_path, candidate,
+                        int4_ops=_kinds_at(placement, "int4"),
+                        weight_only=_weight_only(placement))
+        return float(latency_of(candidate))
     try:
         for kind in kinds:
             for precision in (["int4"] if kind in int4_ops else []) + ["int8", "int8-weight-only"]:
-                trial = {k: "float16" for k in kinds} | decided | {kind: precision}
-                quantize_tflite("int4", float_tflite_path, candidate,
-                                int4_ops=_kinds_at(trial, "int4"), weight_only=_weight_only(trial))
-                latency = float(latency_of(candidate))
-                fits = latency <= latency_limit_ms
-                timed: dict[str, Any] = {"kind": kind, "precision": precision,
-                                         "latency_ms_p50": latency, "fits": fits}
-                trials.append(timed)
-                if not fits and precision == "int8-weight-only":
-                    fallback = {k: "float16" for k in kinds} | decided
-                    quantize_tflite("int4", float_tflite_path, candidate,
-                                    int4_ops=_kinds_at(fallback, "int4"),
-                                    weight_only=_weight_only(fallback))
-                    float16_latency = float(latency_of(candidate))
-                    fits = timed["fits"] = latency <= WEIGHT_ONLY_SLOWDOWN * float16_latency
-                    timed["float16_latency_ms_p50"] = float16_latency
-                if fits:
+                latency = timed(kind, precision)
+                trial: dict[str, Any] = {"kind": kind, "precision": precision,
+                                         "latency_ms_p50": latency,
+                                         "fits": latency <= latency_limit_ms}
+                if not trial["fits"] and precision == "int8-weight-only":
+                    trial["float16_latency_ms_p50"] = timed(kind, "float16")
+                    trial["fits"] = latency <= WEIGHT_ONLY_SLOWDOWN * trial["float16_latency_ms_p50"]
+                trials.append(trial)
+                if trial["fits"]:
                     decided[kind] = precision
                     break
             else:
