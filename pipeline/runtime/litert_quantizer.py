@@ -193,9 +193,9 @@ def int4_placement(float_tflite_path: str | Path, work_dir: str | Path, *,
     kernels once XNNPACK has dequantized them, so when int8 weight-only misses the limit the
     float16 model is timed too (the trial's `float16_latency_ms_p50`), and int8 weight-only
     stays unless it is more than WEIGHT_ONLY_SLOWDOWN times slower than that (a kind XNNPACK
-    cannot take at int8 leaves its partition: 3x, not noise). On a 0.1 ms model the timer's noise alone had put one run's
-    convolutions at float16 and another's at int8 (0.142 against 0.101 ms for the same model),
-    a 1.6x larger file for no speed."""
+    cannot take at int8 leaves its partition: 3x, not noise). On a 0.1 ms model the timer's
+    noise alone had put one run's convolutions at float16 and another's at int8 (0.142 against
+    0.101 ms for the same model), a 1.6x larger file for no speed."""
     float_tflite_path = Path(float_tflite_path)
     ops = _read_ops(float_tflite_path, "int4")
     weights: dict[str, int] = {}
